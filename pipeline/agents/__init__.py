@@ -1,0 +1,1 @@
+"""Faust agents: ``dedupe`` (keyed by subscriber) feeds ``aggregate`` (keyed by campaign)."""

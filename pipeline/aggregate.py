@@ -1,0 +1,80 @@
+"""Combine the per-partition partial counts of a campaign into its funnel, free of I/O.
+
+The aggregating agent keeps, per campaign, the latest snapshot of each partition's
+:class:`~pipeline.dedupe.Partial`. Snapshots are cumulative, so keeping the newest one per
+partition (by ``seq``) is idempotent: a resent or replayed snapshot changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.dedupe import COUNT_NAMES
+from pipeline.rates import compute_rates
+
+
+def merge_snapshot(stored: dict[str, Any], partition: int, snapshot: dict[str, Any]) -> bool:
+    """Keep ``snapshot`` for ``partition`` if it is at least as new; return whether it was kept."""
+    current = stored.get(str(partition))
+    if current is not None and current["q"] > snapshot["q"]:
+        return False
+    stored[str(partition)] = snapshot
+    return True
+
+
+def _add(into: dict[str, int], counts: Mapping[str, int]) -> None:
+    for name, value in counts.items():
+        into[name] = into.get(name, 0) + value
+
+
+@dataclass
+class WindowView:
+    size: int
+    start: int
+    counts: dict[str, int]
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+
+@dataclass
+class CampaignView:
+    channel: str
+    campaign: str
+    totals: dict[str, int] = field(default_factory=dict)
+    windows: dict[int, dict[int, dict[str, int]]] = field(default_factory=dict)  # size -> start ->
+    watermark: float = 0.0
+    duplicates: int = 0
+    late: int = 0
+    sources: dict[str, int] = field(default_factory=dict)
+
+    def complete_window(self, size: int, lateness: int) -> WindowView | None:
+        """The most recent window that can no longer change (its end plus lateness has passed)."""
+        if self.watermark <= 0:
+            return None
+        start = int((self.watermark - lateness) // size) * size - size
+        if start < 0:
+            return None
+        return WindowView(size, start, dict(self.windows.get(size, {}).get(start, {})))
+
+    def rates(self, counts: Mapping[str, int], denominator: str, unsupported: frozenset[str]) -> dict:
+        return compute_rates(self.channel, counts, denominator, unsupported)
+
+
+def combine(channel: str, campaign: str, snapshots: Iterable[dict[str, Any]]) -> CampaignView:
+    view = CampaignView(channel, campaign)
+    for snap in snapshots:
+        _add(view.totals, snap["t"])
+        for key, counts in snap["w"].items():
+            size, start = (int(part) for part in key.split(":"))
+            _add(view.windows.setdefault(size, {}).setdefault(start, {}), counts)
+        view.watermark = max(view.watermark, *snap["wm"].values(), 0.0)
+        view.duplicates += snap["d"]
+        view.late += snap["l"]
+        _add(view.sources, snap.get("s", {}))
+    for name in COUNT_NAMES:
+        view.totals.setdefault(name, 0)
+    return view

@@ -1,0 +1,115 @@
+"""Build the Faust application: topics, tables, the two agents and their wiring.
+
+raw topics (one per event type, keyed by subscriber)
+    -> dedupe agent  [tables: subscribers, partials]
+    -> funnel.partials (keyed by campaign)
+    -> aggregate agent [table: campaigns] -> /metrics, /campaigns
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+import orjson
+
+from pipeline.agents.aggregate import AggregateStage
+from pipeline.agents.dedupe import DedupeStage
+from pipeline.settings import Settings
+from pipeline.topics import DEAD_LETTER_TOPIC, PARTIALS_TOPIC, RAW_TOPICS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pipeline:
+    settings: Settings
+    app: faust.App
+    dedupe: DedupeStage
+    aggregate: AggregateStage
+    dead_letter_topic: faust.TopicT
+
+    def consuming(self) -> bool:
+        app = self.app
+        return app.tables.recovery.completed.is_set() and not app.rebalancing
+
+
+def create_pipeline(settings: Settings) -> Pipeline:
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        settings.app_id,
+        broker=[f"kafka://{host}" for host in (settings.broker or "").split(",") if host],
+        store=settings.store,
+        datadir=str(data_dir),
+        autodiscover=False,
+        web_enabled=False,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication,
+        consumer_auto_offset_reset="earliest",
+        table_standby_replicas=0,
+        producer_acks=-1,
+        broker_commit_every=10_000,
+        broker_commit_interval=1.0,
+        stream_buffer_maxsize=settings.batch_max * 2,
+        stream_wait_empty=False,
+        producer_max_request_size=4 * 1024 * 1024,
+        producer_linger_ms=5,
+        table_cleanup_interval=3600,
+        # a lost worker's partitions move within seconds, not a minute
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=2.0,
+        broker_rebalance_timeout=10.0,
+        logging_config=None,
+    )
+    raw = app.topic(*RAW_TOPICS, key_serializer="raw", value_serializer="raw")
+    partials_topic = app.topic(
+        PARTIALS_TOPIC, key_serializer="raw", value_serializer="raw", partitions=settings.partitions
+    )
+    dead_letter_topic = app.topic(
+        DEAD_LETTER_TOPIC, key_serializer="raw", value_serializer="raw", partitions=settings.partitions
+    )
+    # bytes in, bytes out: records are encoded once with orjson, not by Faust's codecs
+    table_args: dict[str, Any] = {"partitions": settings.partitions, "key_type": bytes, "value_type": bytes}
+    subscribers = app.Table("subscribers", **table_args)
+    partials = app.Table("partials", **table_args)
+    campaigns = app.Table("campaigns", **table_args)
+
+    async def dead_letter(rejected: list[tuple[Any, str, dict[str, Any]]]) -> None:
+        futures = [
+            await dead_letter_topic.send(
+                value=orjson.dumps({"reason": reason, "where": where, "event": _jsonable(item)})
+            )
+            for item, reason, where in rejected
+        ]
+        for fut in futures:
+            await fut
+
+    dedupe = DedupeStage(settings, subscribers, partials, partials_topic, dead_letter)
+    aggregate = AggregateStage(campaigns)
+    pipeline = Pipeline(settings, app, dedupe, aggregate, dead_letter_topic)
+
+    @app.agent(raw, name="dedupe")
+    async def dedupe_agent(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(settings.batch_max, within=settings.batch_within):
+            await dedupe.process(list(events))
+
+    @app.agent(partials_topic, name="aggregate")
+    async def aggregate_agent(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(settings.batch_max, within=settings.batch_within):
+            await aggregate.process(list(events))
+
+    @app.timer(interval=30.0)
+    async def resend_partials() -> None:
+        if pipeline.consuming():
+            await dedupe.resend_all()
+
+    return pipeline
+
+
+def _jsonable(item: Any) -> Any:
+    if isinstance(item, bytes | bytearray):
+        return item.decode("utf-8", "replace")
+    return item

@@ -1,0 +1,151 @@
+"""``pipeline`` command line (contract section 6)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from pipeline.settings import Settings, SettingsError
+
+log = logging.getLogger("pipeline")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = Settings.from_env()
+    overrides = {"broker": getattr(args, "broker", None), "port": getattr(args, "port", None)}
+    if getattr(args, "data_dir", None):
+        overrides["data_dir"] = Path(args.data_dir)
+    if getattr(args, "host", None):
+        overrides["host"] = args.host
+    return settings.with_overrides(**overrides)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from pipeline.broker import EmbeddedBroker
+
+    broker = EmbeddedBroker(port=args.port, storage=args.storage).start()
+    print(f"embedded broker (Tansu) on {broker.address}, storage {args.storage}; Ctrl-C stops it", flush=True)
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        broker.stop()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from pipeline.worker import run_worker
+
+    settings = _settings(args)
+    if not settings.broker:
+        print("pipeline worker needs --broker or PIPELINE_BROKER (or use `pipeline run`)", file=sys.stderr)
+        return 2
+    if settings.data_dir == Path("./data"):
+        settings = replace(settings, data_dir=Path(f"./data/worker-{settings.port}"))
+    run_worker(settings, loglevel=args.loglevel)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.broker import EmbeddedBroker
+    from pipeline.worker import run_worker
+
+    settings = _settings(args)
+    broker = None
+    if not settings.broker:
+        broker = EmbeddedBroker(port=args.broker_port).start()
+        print(f"started the embedded broker (Tansu) on {broker.address}", flush=True)
+        settings = replace(
+            settings,
+            broker=broker.address,
+            idempotent_producer=False,
+            data_dir=settings.data_dir / f"embedded-{broker.port}",
+        )
+    demo = None
+    if args.demo:
+        import subprocess
+
+        demo = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "simulate",
+                "--url",
+                f"http://127.0.0.1:{settings.port}",
+                "--wait-ready",
+                "120",
+                "--continuous",
+            ],
+            env={**os.environ, "PIPELINE_ID_SALT": settings.id_salt.decode()},
+        )
+        print(
+            f"demo traffic running: see http://127.0.0.1:{settings.port}/campaigns and /metrics", flush=True
+        )
+    try:
+        run_worker(settings, loglevel=args.loglevel)
+    finally:
+        if demo is not None:
+            demo.terminate()
+        if broker is not None:
+            broker.stop()
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from pipeline.simulate import main as simulate_main
+
+    return simulate_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def worker_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--port", type=int, default=None, help="HTTP port (PIPELINE_PORT, default 8080)")
+        p.add_argument("--host", default=None, help="HTTP bind address (PIPELINE_HOST, default 127.0.0.1)")
+        p.add_argument("--data-dir", default=None, help="local state directory (PIPELINE_DATA_DIR)")
+        p.add_argument("--loglevel", default="info")
+
+    run = sub.add_parser("run", help="everything in one process; embedded broker when none is configured")
+    worker_args(run)
+    run.add_argument("--broker", default=None, help="host:port of Kafka (PIPELINE_BROKER)")
+    run.add_argument("--broker-port", type=int, default=None, help="port of the embedded broker")
+    run.add_argument("--demo", action="store_true", help="also send continuous demo traffic")
+    run.set_defaults(func=cmd_run)
+
+    broker = sub.add_parser("broker", help="the embedded broker alone, in the foreground")
+    broker.add_argument("--port", type=int, default=9092)
+    broker.add_argument("--storage", default="memory://tansu/", help="memory://tansu/ or s3://bucket/")
+    broker.set_defaults(func=cmd_broker)
+
+    worker = sub.add_parser("worker", help="one stream worker with its web endpoints")
+    worker_args(worker)
+    worker.add_argument("--broker", default=None, help="host:port of Kafka (PIPELINE_BROKER)")
+    worker.set_defaults(func=cmd_worker)
+
+    from pipeline.simulate import add_arguments
+
+    simulate = sub.add_parser("simulate", help="realistic traffic with known ground truth")
+    add_arguments(simulate)
+    simulate.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

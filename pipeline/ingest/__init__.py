@@ -1,0 +1,1 @@
+"""Ingest: the canonical ``POST /events`` endpoint, provider webhooks, and the producer."""

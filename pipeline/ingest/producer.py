@@ -1,0 +1,145 @@
+"""Publish validated events to the raw topics and acknowledge only what the broker acked.
+
+Events are grouped by the partition Kafka's default partitioner gives their routing key, and
+each group travels as one message holding an array of events: the stream processor pays its
+per-message cost once per group, not once per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from pipeline.events import routing_key
+from pipeline.settings import Settings
+from pipeline.topics import DEAD_LETTER_TOPIC, partition_for, raw_topic
+
+log = logging.getLogger(__name__)
+MAX_MESSAGE_BYTES = 900_000  # under the broker's default 1 MB message limit
+
+
+class BrokerUnavailable(RuntimeError):
+    """The broker did not acknowledge in time: the client should retry (HTTP 503)."""
+
+
+class EventProducer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._producer: AIOKafkaProducer | None = None
+        self._partitions: dict[str, int] = {}
+        self._lock = asyncio.Lock()
+        self.healthy = False  # the last exchange with the broker succeeded
+
+    async def _ensure(self) -> AIOKafkaProducer:
+        if self._producer is not None:
+            return self._producer
+        async with self._lock:
+            if self._producer is None:
+                producer = AIOKafkaProducer(
+                    bootstrap_servers=self.settings.broker,
+                    acks="all",
+                    enable_idempotence=self.settings.idempotent_producer,
+                    linger_ms=2,
+                    max_batch_size=1024 * 1024,
+                    max_request_size=4 * 1024 * 1024,
+                    request_timeout_ms=int(self.settings.send_timeout * 1000),
+                    compression_type=None,
+                )
+                try:
+                    await asyncio.wait_for(producer.start(), self.settings.send_timeout)
+                except (TimeoutError, KafkaError, OSError) as exc:
+                    await producer.stop()
+                    raise BrokerUnavailable(f"broker not reachable: {exc.__class__.__name__}") from exc
+                self._producer = producer
+                self.healthy = True
+        return self._producer
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    async def _partition_count(self, producer: AIOKafkaProducer, topic: str) -> int:
+        count = self._partitions.get(topic)
+        if count is None:
+            partitions = await producer.partitions_for(topic)
+            count = self._partitions[topic] = len(partitions) if partitions else self.settings.partitions
+        return count
+
+    async def publish(self, events: list[dict[str, Any]]) -> None:
+        """Send every event; return once the broker acknowledged all of them, else raise."""
+        try:
+            producer = await self._ensure()
+            groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+            for event in events:
+                topic = raw_topic(event["type"])
+                partition = partition_for(routing_key(event), await self._partition_count(producer, topic))
+                groups.setdefault((topic, partition), []).append(event)
+            futures = []
+            for (topic, partition), group in groups.items():
+                for chunk in _chunks(group, self.settings.events_per_message):
+                    futures.append(
+                        await producer.send(
+                            topic,
+                            value=orjson.dumps(chunk),
+                            key=routing_key(chunk[0]).encode(),
+                            partition=partition,
+                        )
+                    )
+            await asyncio.wait_for(asyncio.gather(*futures), self.settings.send_timeout)
+            self.healthy = True
+        except BrokerUnavailable:
+            self.healthy = False
+            raise
+        except (TimeoutError, KafkaError, OSError) as exc:
+            await self._reset()
+            raise BrokerUnavailable(f"broker did not acknowledge: {exc.__class__.__name__}") from exc
+
+    async def dead_letter(self, items: Iterable[tuple[Any, str, dict[str, Any]]]) -> None:
+        try:
+            producer = await self._ensure()
+            futures = [
+                await producer.send(
+                    DEAD_LETTER_TOPIC,
+                    value=orjson.dumps({"reason": reason, "where": where, "event": item}, default=str),
+                )
+                for item, reason, where in items
+            ]
+            await asyncio.wait_for(asyncio.gather(*futures), self.settings.send_timeout)
+            self.healthy = True
+        except BrokerUnavailable:
+            self.healthy = False
+            raise
+        except (TimeoutError, KafkaError, OSError) as exc:
+            await self._reset()
+            raise BrokerUnavailable(f"broker did not acknowledge: {exc.__class__.__name__}") from exc
+
+    async def _reset(self) -> None:
+        """Drop a producer that failed, so the next request reconnects from scratch."""
+        self.healthy = False
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                await asyncio.wait_for(producer.stop(), 5)
+            except Exception:
+                log.warning("producer did not stop cleanly")
+
+
+def _chunks(events: list[dict[str, Any]], size: int) -> Iterable[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    chunk_bytes = 0
+    for event in events:
+        event_bytes = len(orjson.dumps(event))
+        if chunk and (len(chunk) >= size or chunk_bytes + event_bytes > MAX_MESSAGE_BYTES):
+            yield chunk
+            chunk, chunk_bytes = [], 0
+        chunk.append(event)
+        chunk_bytes += event_bytes
+    if chunk:
+        yield chunk

@@ -1,0 +1,117 @@
+"""Every knob in one place, read from the environment (``PIPELINE_*``) with CLI overrides.
+
+Defaults are safe for a laptop: loopback only, the embedded broker, windows of 5m and 1h.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """A setting has a value the pipeline cannot run with."""
+
+
+def _duration(text: str) -> int:
+    """Parse ``300``, ``300s``, ``5m``, ``1h``, ``2d`` into seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(float(text))
+    except ValueError as exc:
+        raise SettingsError(f"not a duration: {text!r}") from exc
+
+
+def window_label(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker: str | None = None  # host:port list; None = start the embedded broker
+    port: int = 8080
+    host: str = "127.0.0.1"
+    partitions: int = 4
+    replication: int = 1
+    idempotent_producer: bool = True  # off for the embedded broker (Tansu rejects InitProducerId)
+    data_dir: Path = Path("./data")
+    app_id: str = "funnel"
+    store: str = "rocksdb://"
+    windows: tuple[int, ...] = (300, 3600)
+    allowed_lateness: int = 300
+    window_retention: int = 24  # windows of each size kept per campaign; older ones are closed
+    dedupe_retention: int = 48 * 3600
+    max_future_skew: int = 300
+    email_denominator: str = "delivery"  # or "send" for providers that report no deliveries
+    max_campaigns: int = 1000
+    max_body_bytes: int = 5 * 1024 * 1024
+    max_events_per_request: int = 10_000
+    ingest_token: str | None = None
+    id_salt: bytes = b""
+    batch_max: int = 2000
+    batch_within: float = 0.05
+    events_per_message: int = 1000
+    send_timeout: float = 10.0
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def window_labels(self) -> dict[int, str]:
+        return {size: window_label(size) for size in self.windows}
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        get = env.get
+        windows = tuple(
+            sorted(_duration(w) for w in get("PIPELINE_WINDOWS", "5m,1h").split(",") if w.strip())
+        )
+        denominator = get("PIPELINE_EMAIL_DENOMINATOR", "delivery")
+        if denominator not in ("delivery", "send"):
+            raise SettingsError("PIPELINE_EMAIL_DENOMINATOR must be 'delivery' or 'send'")
+        salt = get("PIPELINE_ID_SALT", "")
+        settings = cls(
+            broker=get("PIPELINE_BROKER") or None,
+            port=int(get("PIPELINE_PORT", "8080")),
+            host=get("PIPELINE_HOST", "127.0.0.1"),
+            partitions=int(get("PIPELINE_PARTITIONS", "4")),
+            replication=int(get("PIPELINE_REPLICATION", "1")),
+            idempotent_producer=get("PIPELINE_IDEMPOTENT_PRODUCER", "true").lower() == "true",
+            data_dir=Path(get("PIPELINE_DATA_DIR", "./data")),
+            app_id=get("PIPELINE_APP_ID", "funnel"),
+            store=get("PIPELINE_STORE", "rocksdb://"),
+            windows=windows,
+            allowed_lateness=_duration(get("PIPELINE_ALLOWED_LATENESS", "5m")),
+            window_retention=int(get("PIPELINE_WINDOW_RETENTION", "24")),
+            dedupe_retention=_duration(get("PIPELINE_DEDUPE_RETENTION", "48h")),
+            max_future_skew=_duration(get("PIPELINE_MAX_FUTURE_SKEW", "5m")),
+            email_denominator=denominator,
+            max_campaigns=int(get("PIPELINE_MAX_CAMPAIGNS", "1000")),
+            max_body_bytes=int(get("PIPELINE_MAX_BODY_BYTES", str(5 * 1024 * 1024))),
+            ingest_token=get("PIPELINE_INGEST_TOKEN") or None,
+            id_salt=salt.encode(),
+            batch_max=int(get("PIPELINE_BATCH_MAX", "2000")),
+            batch_within=float(get("PIPELINE_BATCH_WITHIN", "0.05")),
+            env=env,
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if self.dedupe_retention < 48 * 3600:
+            raise SettingsError("PIPELINE_DEDUPE_RETENTION must be at least 48h (providers retry 24h)")
+        if not self.windows or min(self.windows) < 60:
+            raise SettingsError("PIPELINE_WINDOWS needs at least one window of 1m or more")
+        if self.partitions < 1:
+            raise SettingsError("PIPELINE_PARTITIONS must be positive")

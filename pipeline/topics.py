@@ -1,0 +1,29 @@
+"""Topic names and the partitioner shared by ingest and direct producers.
+
+Raw events arrive on one topic per event type. A message is one canonical event (what a
+producer writing to Kafka directly sends, keyed by subscriber) or a JSON array of events
+that all belong on that partition (what the HTTP ingest sends, to spare the stream
+processor its per-message cost). Both paths choose the partition with Kafka's default
+partitioner (murmur2 of the routing key), so they agree.
+"""
+
+from __future__ import annotations
+
+from aiokafka.partitioner import murmur2
+
+from pipeline.events import EVENT_TYPES
+
+RAW_PREFIX = "funnel.raw."
+RAW_TOPICS: tuple[str, ...] = tuple(RAW_PREFIX + kind for kind in EVENT_TYPES)
+TOPIC_CODES: dict[str, int] = {name: code for code, name in enumerate(RAW_TOPICS)}
+PARTIALS_TOPIC = "funnel.partials"
+DEAD_LETTER_TOPIC = "funnel.deadletter"
+
+
+def raw_topic(event_type: str) -> str:
+    return RAW_PREFIX + event_type
+
+
+def partition_for(key: str, partitions: int) -> int:
+    """Kafka's default partitioner (the Java client's murmur2), as aiokafka implements it."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions

@@ -1,0 +1,267 @@
+"""HTTP endpoints of a worker (contract section 5), on aiohttp.
+
+Every handler answers with a documented status: a client can never cause a 500 (the
+middleware turns an unexpected error into a logged 500 that the tests treat as a failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from pipeline.aggregate import CampaignView
+from pipeline.events import BodyError, iter_valid, parse_body
+from pipeline.identity import subscriber_id
+from pipeline.ingest.producer import BrokerUnavailable, EventProducer
+from pipeline.metrics import HealthCounters
+from pipeline.rates import compute_rates, definitions
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+READ_TIMEOUT = 30.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(doc: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json")
+
+
+def error(status: int, reason: str, **extra: Any) -> web.Response:
+    return json_response({"error": reason, **extra}, status=status)
+
+
+class IngestService:
+    """Validate, pseudonymise, dead-letter and publish; shared by ``/events`` and the webhooks."""
+
+    def __init__(self, settings: Settings, producer: EventProducer, counters: HealthCounters) -> None:
+        self.settings = settings
+        self.producer = producer
+        self.counters = counters
+
+    def prepare(self, items: list[Any]) -> tuple[list[dict[str, Any]], list[tuple[int, Any, str]]]:
+        salt = self.settings.id_salt
+        for item in items:
+            # an address must not reach a topic in clear, not even the dead-letter topic
+            if isinstance(item, dict) and isinstance(item.get("subscriber_id"), str):
+                item["subscriber_id"] = subscriber_id(item["subscriber_id"], salt)
+        valid: list[dict[str, Any]] = []
+        rejected: list[tuple[int, Any, str]] = []
+        for index, event, reason in iter_valid(items, time.time(), self.settings.max_future_skew):
+            if event is not None:
+                valid.append(event)
+            else:
+                rejected.append((index, items[index], reason or "invalid"))
+        return valid, rejected
+
+    async def submit(
+        self, valid: list[dict[str, Any]], rejected: list[tuple[int, Any, str]], source: str
+    ) -> None:
+        """Publish and dead-letter; returns only when the broker acknowledged all of it."""
+        tasks = []
+        if valid:
+            tasks.append(self.producer.publish(valid))
+        if rejected:
+            tasks.append(
+                self.producer.dead_letter(
+                    (_jsonable(item), reason, {"source": source, "index": index})
+                    for index, item, reason in rejected
+                )
+            )
+        await asyncio.gather(*tasks)
+        self.counters.ingested.labels(source).inc(len(valid))
+        for _, _, reason in rejected:
+            self.counters.rejected.labels(reason).inc()
+            self.counters.dead_lettered.labels(reason).inc()
+
+
+def _jsonable(item: Any) -> Any:
+    return item.reason if isinstance(item, Exception) else item
+
+
+def campaign_document(
+    view: CampaignView,
+    settings: Settings,
+    unsupported: frozenset[str],
+    history: bool = False,
+    diagnosis: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    denominator = settings.email_denominator if view.channel == "email" else "impression"
+    rates: dict[str, Any] = {
+        "all": compute_rates(view.channel, view.totals, settings.email_denominator, unsupported)
+    }
+    windows: dict[str, Any] = {}
+    for size, label in settings.window_labels.items():
+        shown = view.complete_window(size, settings.allowed_lateness)
+        if shown is None:
+            continue
+        window_rates = compute_rates(view.channel, shown.counts, settings.email_denominator, unsupported)
+        rates[label] = window_rates
+        windows[label] = {
+            "start": shown.start,
+            "end": shown.end,
+            "counts": shown.counts,
+            "rates": window_rates,
+        }
+    doc: dict[str, Any] = {
+        "channel": view.channel,
+        "campaign_id": view.campaign,
+        "denominator": denominator,
+        "rate_definitions": {
+            rate: {"numerator": n, "denominator": d}
+            for rate, (n, d) in definitions(view.channel, settings.email_denominator).items()
+        },
+        "counts": view.totals,
+        "rates": rates,
+        "windows": windows,
+        "unsupported_rates": sorted(unsupported),
+        "sources": view.sources,
+        "duplicates_dropped": view.duplicates,
+        "late_events": view.late,
+        "watermark": view.watermark,
+        "diagnosis": diagnosis,
+    }
+    if history:
+        doc["window_history"] = {
+            label: [
+                {
+                    "start": start,
+                    "end": start + size,
+                    "counts": counts,
+                    "rates": compute_rates(view.channel, counts, settings.email_denominator, unsupported),
+                }
+                for start, counts in sorted(view.windows.get(size, {}).items())
+            ]
+            for size, label in settings.window_labels.items()
+        }
+    return doc
+
+
+class WebApp:
+    def __init__(
+        self,
+        settings: Settings,
+        ingest: IngestService,
+        registry: CollectorRegistry,
+        views: Callable[[], list[CampaignView]],
+        consuming: Callable[[], bool],
+        unsupported: Callable[[CampaignView], frozenset[str]],
+        diagnose: Callable[[CampaignView], dict[str, Any]] | None = None,
+        extra_routes: Callable[[web.Application], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.ingest = ingest
+        self.registry = registry
+        self.views = views
+        self.consuming = consuming
+        self.unsupported = unsupported
+        self.diagnose = diagnose
+        self.app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[self._middleware])
+        self.app.router.add_get("/health", self.health)
+        self.app.router.add_get("/metrics", self.metrics)
+        self.app.router.add_post("/events", self.events)
+        self.app.router.add_get("/campaigns", self.campaigns)
+        self.app.router.add_get("/campaigns/{channel}/{campaign_id}", self.campaign)
+        if extra_routes is not None:
+            extra_routes(self.app)
+        self._runner: web.AppRunner | None = None
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route.resource
+        endpoint = route.canonical if route is not None else "unmatched"
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            response = exc
+        except Exception:
+            log.exception("unexpected error on %s", endpoint)
+            response = error(500, "internal_error")
+        self.ingest.counters.requests.labels(endpoint, str(response.status)).inc()
+        if (
+            isinstance(response, web.HTTPException)
+            and response.status >= 400
+            and not response.text.startswith("{")
+        ):
+            return error(response.status, response.reason.lower().replace(" ", "_"))
+        return response
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.host, self.settings.port, shutdown_timeout=5.0)
+        await site.start()
+        log.info("HTTP on http://%s:%s", self.settings.host, self.settings.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def read_body(self, request: web.Request) -> bytes:
+        """The body, bounded in size (413) and in time for slow clients (408)."""
+        if request.content_length is not None and request.content_length > self.settings.max_body_bytes:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=self.settings.max_body_bytes, actual_size=request.content_length
+            )
+        try:
+            return await asyncio.wait_for(request.read(), READ_TIMEOUT)
+        except TimeoutError:
+            raise web.HTTPRequestTimeout() from None
+
+    def authorised(self, request: web.Request) -> bool:
+        token = self.settings.ingest_token
+        if not token:
+            return True
+        header = request.headers.get("Authorization", "")
+        return hmac.compare_digest(header.encode(), f"Bearer {token}".encode())
+
+    async def health(self, request: web.Request) -> web.Response:
+        ok = self.consuming()
+        return json_response(
+            {"status": "ok" if ok else "starting", "consuming": ok}, status=200 if ok else 503
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def events(self, request: web.Request) -> web.Response:
+        if not self.authorised(request):
+            return error(401, "missing_or_bad_token")
+        body = await self.read_body(request)
+        try:
+            items = parse_body(body)
+        except BodyError as exc:
+            return error(400, "unparseable_body", detail=str(exc))
+        if len(items) > self.settings.max_events_per_request:
+            return error(413, "too_many_events", limit=self.settings.max_events_per_request)
+        valid, rejected = self.ingest.prepare(items)
+        try:
+            await self.ingest.submit(valid, rejected, "canonical")
+        except BrokerUnavailable as exc:
+            return error(503, "broker_unavailable", detail=str(exc), retry=True)
+        doc = {"accepted": len(valid), "rejected": [{"index": i, "reason": r} for i, _, r in rejected]}
+        return json_response(doc, status=202 if valid or not rejected else 400)
+
+    def _document(self, view: CampaignView, history: bool = False) -> dict[str, Any]:
+        diagnosis = self.diagnose(view) if self.diagnose is not None else None
+        return campaign_document(view, self.settings, self.unsupported(view), history, diagnosis)
+
+    async def campaigns(self, request: web.Request) -> web.Response:
+        views = sorted(self.views(), key=lambda v: (v.channel, v.campaign))
+        return json_response({"campaigns": [self._document(v) for v in views]})
+
+    async def campaign(self, request: web.Request) -> web.Response:
+        channel, campaign = request.match_info["channel"], request.match_info["campaign_id"]
+        for view in self.views():
+            if view.channel == channel and view.campaign == campaign:
+                return json_response(self._document(view, history=True))
+        return error(404, "campaign_not_owned_here", detail="unknown campaign, or owned by another worker")
