@@ -107,3 +107,53 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def true_end_offsets(bootstrap: str, reported: dict, timeout: float = 10.0) -> dict:
+    """End offsets read from the log itself, not from ListOffsets.
+
+    Tansu 0.1.2 answers ListOffsets(latest) with the *first* offset of the last record batch
+    plus one, not the last offset plus one, so Faust's changelog recovery would stop short of
+    the last batch (and refuse to start when its persisted offset is beyond that). Reading
+    from the reported end to the real end fixes it; on Apache Kafka it reads nothing new.
+    """
+    from aiokafka import AIOKafkaConsumer
+
+    fixed = dict(reported)
+    wanted = {tp: end for tp, end in reported.items() if end and end > 0}
+    if not wanted:
+        return fixed
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, max_partition_fetch_bytes=8 * 1024 * 1024
+    )
+    await consumer.start()
+    try:
+        from aiokafka import TopicPartition
+
+        tps = {TopicPartition(tp.topic, tp.partition): tp for tp in wanted}
+        consumer.assign(list(tps))
+        for ktp, tp in tps.items():
+            consumer.seek(ktp, wanted[tp] - 1)
+        deadline = time.monotonic() + timeout
+        pending = set(tps)
+        while pending and time.monotonic() < deadline:
+            batch = await consumer.getmany(*pending, timeout_ms=500)
+            if not batch:
+                break
+            for ktp, records in batch.items():
+                if records:
+                    tp = tps[ktp]
+                    fixed[tp] = max(fixed[tp], records[-1].offset + 1)
+    finally:
+        await consumer.stop()
+    return fixed
+
+
+def read_true_highwaters(consumer: object, bootstrap: str) -> None:
+    """Make a Faust consumer's ``highwaters`` read the real end of each partition."""
+    original = consumer.highwaters  # type: ignore[attr-defined]
+
+    async def highwaters(*partitions: object) -> dict:
+        return await true_end_offsets(bootstrap, dict(await original(*partitions)))
+
+    consumer.highwaters = highwaters  # type: ignore[attr-defined]

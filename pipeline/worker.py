@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from pipeline.aggregate import CampaignView
 from pipeline.app import Pipeline, create_pipeline
+from pipeline.broker import read_true_highwaters
 from pipeline.ingest.producer import EventProducer
 from pipeline.metrics import FunnelCollector, HealthCounters, LagCollector
 from pipeline.settings import Settings
@@ -28,12 +29,14 @@ def unsupported_rates(view: CampaignView) -> frozenset[str]:
 
 
 class HttpService(mode.Service):
-    def __init__(self, web: WebApp, producer: EventProducer, **kwargs: Any) -> None:
+    def __init__(self, web: WebApp, producer: EventProducer, pipeline: Pipeline, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.web = web
         self.producer = producer
+        self.pipeline = pipeline
 
     async def on_start(self) -> None:
+        read_true_highwaters(self.pipeline.app.consumer, self.pipeline.settings.broker or "")
         await self.web.start()
 
     async def on_stop(self) -> None:
@@ -85,7 +88,7 @@ def build_worker(settings: Settings) -> tuple[Pipeline, HttpService]:
         diagnose=lambda view: diagnose_view(view, settings, unsupported_rates(view)),
         extra_routes=lambda app: add_webhook_routes(app, ingest, settings),
     )
-    return pipeline, HttpService(web, producer, loop=None)
+    return pipeline, HttpService(web, producer, pipeline)
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:

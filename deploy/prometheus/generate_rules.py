@@ -77,10 +77,7 @@ def ratio_expr(rate: str, windowed: bool) -> str:
         d = count(*den, channel, windowed)
         # A zero numerator is a rate of 0 (the counter may not be exported yet); a zero
         # denominator is no sample at all, never NaN or Inf.
-        parts.append(
-            f"(\n  ({n}\n    or ignoring(event) ({d} * 0))\n"
-            f"  / ignoring(event)\n  ({d} > 0)\n)"
-        )
+        parts.append(f"(\n  ({n}\n    or ignoring(event) ({d} * 0))\n  / ignoring(event)\n  ({d} > 0)\n)")
     return "\nor\n".join(parts) + "\n"
 
 
@@ -147,7 +144,9 @@ def rules() -> list[dict]:
     ]
     for windowed in (False, True):
         for rate in RATES:
-            out.append({"record": f"{level(windowed)}:funnel_{rate}:ratio", "expr": ratio_expr(rate, windowed)})
+            out.append(
+                {"record": f"{level(windowed)}:funnel_{rate}:ratio", "expr": ratio_expr(rate, windowed)}
+            )
             out.append(
                 {
                     "record": f"{level(windowed)}:funnel_{rate}_denominator:sum",
@@ -172,7 +171,8 @@ def rules() -> list[dict]:
                     f"    {lifetime}\n"
                     "    and on(channel, campaign)\n"
                     f"    ({lifetime_n}\n"
-                    f"      >= on(channel) group_left() channel:funnel_{rate}_alert_baseline_min_volume:count)\n"
+                    "      >= on(channel) group_left() "
+                    f"channel:funnel_{rate}_alert_baseline_min_volume:count)\n"
                     "  )\n"
                     "  or on(channel, campaign)\n"
                     f"  ({lifetime} * 0 + on(channel) group_left() channel:funnel_{rate}_alert_floor:ratio)\n"

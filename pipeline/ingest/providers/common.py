@@ -352,11 +352,11 @@ def scrub_url(value: Any, salt: bytes) -> str | None:
         return pseudonymise(piece, salt) if "@" in piece else piece
 
     segments = parts.path.split("/")
-    path = "/".join(quote(clean(unquote(s)), safe="") if "@" in unquote(s) else s for s in segments)
+    path = "/".join(quote(clean(unquote(s)), safe=":") if "@" in unquote(s) else s for s in segments)
     query = parts.query
     if "@" in unquote(query):
         pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(clean(k), clean(v)) for k, v in pairs])
+        query = urlencode([(clean(k), clean(v)) for k, v in pairs], safe=":")
     fragment = "" if "@" in unquote(parts.fragment) else parts.fragment
     out = urlunsplit((parts.scheme, netloc, path, query, fragment))
     return out[:MAX_URL]

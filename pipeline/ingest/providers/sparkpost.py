@@ -74,8 +74,8 @@ class SparkPostAdapter:
             raise PayloadError("body_not_event_array")
         out = Collector()
         for item in doc:
-            msys = obj(item.get("msys")) if isinstance(item, dict) else None
-            if msys is None:
+            msys = item.get("msys") if isinstance(item, dict) else None
+            if not isinstance(msys, dict):
                 out.result.malformed += 1
                 continue
             for event in msys.values():  # one "<class>_event" key; an empty msys is the ping

@@ -1,0 +1,110 @@
+"""Fixtures that start real parts: the embedded broker (Tansu over TCP) and worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pipeline.broker import EmbeddedBroker, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker(log_path=tmp_path / "broker.log") as running:
+        yield running
+
+
+@dataclass
+class WorkerProcess:
+    broker: str
+    data_dir: Path
+    port: int = field(default_factory=free_port)
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True, timeout: float = 90.0) -> WorkerProcess:
+        self.log_path = self.data_dir / f"worker-{self.port}.log"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "PIPELINE_BROKER": self.broker,
+            "PIPELINE_PORT": str(self.port),
+            "PIPELINE_DATA_DIR": str(self.data_dir / f"state-{self.port}"),
+            "PIPELINE_IDEMPOTENT_PRODUCER": "false",
+            "PIPELINE_ID_SALT": "test-salt",
+            **self.env,
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "worker", "--loglevel", "warning"],
+            stdout=open(self.log_path, "ab"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        if wait:
+            self.wait_healthy(timeout)
+        return self
+
+    def wait_healthy(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"worker not healthy after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path else ""
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hook runs, no buffered write is flushed."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def workers(broker: EmbeddedBroker, tmp_path: Path) -> Iterator[list[WorkerProcess]]:
+    """A list to start workers into; all are stopped at the end."""
+    started: list[WorkerProcess] = []
+    yield started
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture
+def worker(broker: EmbeddedBroker, tmp_path: Path, workers: list[WorkerProcess]) -> WorkerProcess:
+    running = WorkerProcess(broker.address, tmp_path).start()
+    workers.append(running)
+    return running
