@@ -101,6 +101,11 @@ def create_pipeline(settings: Settings) -> Pipeline:
         async for events in stream.take_events(settings.batch_max, within=settings.batch_within):
             await aggregate.process(list(events))
 
+    @app.task
+    async def declare_dead_letter_topic() -> None:
+        # no agent consumes it, so Faust would not create it on its own
+        await dead_letter_topic.maybe_declare()
+
     @app.timer(interval=30.0)
     async def resend_partials() -> None:
         if pipeline.consuming():

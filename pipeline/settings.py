@@ -103,6 +103,7 @@ class Settings:
             id_salt=salt.encode(),
             batch_max=int(get("PIPELINE_BATCH_MAX", "2000")),
             batch_within=float(get("PIPELINE_BATCH_WITHIN", "0.05")),
+            send_timeout=float(get("PIPELINE_SEND_TIMEOUT", "10")),
             env=env,
         )
         settings.check()
