@@ -155,7 +155,7 @@ class WebApp:
         consuming: Callable[[], bool],
         unsupported: Callable[[CampaignView], frozenset[str]],
         diagnose: Callable[[CampaignView], dict[str, Any]] | None = None,
-        extra_routes: Callable[[web.Application], None] | None = None,
+        extra_routes: Callable[[WebApp], None] | None = None,
     ) -> None:
         self.settings = settings
         self.ingest = ingest
@@ -171,7 +171,7 @@ class WebApp:
         self.app.router.add_get("/campaigns", self.campaigns)
         self.app.router.add_get("/campaigns/{channel}/{campaign_id}", self.campaign)
         if extra_routes is not None:
-            extra_routes(self.app)
+            extra_routes(self)
         self._runner: web.AppRunner | None = None
 
     @web.middleware

@@ -86,7 +86,7 @@ def build_worker(settings: Settings) -> tuple[Pipeline, HttpService]:
         pipeline.consuming,
         unsupported_rates,
         diagnose=lambda view: diagnose_view(view, settings, unsupported_rates(view)),
-        extra_routes=lambda app: add_webhook_routes(app, ingest, settings),
+        extra_routes=lambda web_app: add_webhook_routes(web_app, ingest, settings),
     )
     return pipeline, HttpService(web, producer, pipeline)
 

@@ -7,22 +7,30 @@ import time
 import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer
-
 from conftest import WorkerProcess
+
 from pipeline.topics import DEAD_LETTER_TOPIC
 
 
 def good(i: int, **extra) -> dict:
-    return {"event_id": f"e{i}", "type": "click", "channel": "ads", "campaign_id": "c1",
-            "subscriber_id": f"s{i}", "timestamp": time.time() - 60, **extra}
+    return {
+        "event_id": f"e{i}",
+        "type": "click",
+        "channel": "ads",
+        "campaign_id": "c1",
+        "subscriber_id": f"s{i}",
+        "timestamp": time.time() - 60,
+        **extra,
+    }
 
 
 def read_dead_letters(bootstrap: str, expected: int, timeout: float = 20.0) -> list[dict]:
     import asyncio
 
     async def run() -> list[dict]:
-        consumer = AIOKafkaConsumer(DEAD_LETTER_TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                    group_id=None)
+        consumer = AIOKafkaConsumer(
+            DEAD_LETTER_TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
+        )
         await consumer.start()
         out: list[dict] = []
         deadline = time.monotonic() + timeout
@@ -44,7 +52,14 @@ def test_bad_input_is_reported_by_index_and_valid_events_survive(worker, broker)
         good(1),
         {"event_id": "e2", "type": "clack", "channel": "ads", "campaign_id": "c1", "timestamp": 1},
         {"event_id": "e3", "type": "click", "channel": "ads", "timestamp": 1, "subscriber_id": "x"},
-        {"event_id": 4, "type": "click", "channel": "ads", "campaign_id": "c1", "timestamp": 1, "subscriber_id": "x"},
+        {
+            "event_id": 4,
+            "type": "click",
+            "channel": "ads",
+            "campaign_id": "c1",
+            "timestamp": 1,
+            "subscriber_id": "x",
+        },
         good(5, timestamp=time.time() + 86400),
         good(6, subscriber_id="Someone@Example.com"),
         "not an object",
