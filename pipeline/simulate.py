@@ -308,6 +308,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expect", default=None, help="write the expected counts to this JSON file")
 
 
+def scenario(name: str, seed: int = 1, subscribers: int = 600) -> Traffic:
+    """``basic``: two newsletters and a display campaign. ``ctr-drop``: one newsletter and one
+    display campaign whose click-through collapses for the last 30 % of the run (event time),
+    with enough volume per 5-minute window for the drop alerts' statistics."""
+    if name == "ctr-drop":
+        return generate(
+            seed=seed,
+            subscribers=subscribers,
+            email_campaigns=1,
+            ads_campaigns=1,
+            drop_after=0.7,
+            late_fraction=0.0,
+        )
+    return generate(seed=seed, subscribers=subscribers)
+
+
 def main(args: argparse.Namespace) -> int:
     async def run() -> int:
         if args.wait_ready:
