@@ -225,3 +225,28 @@ def test_refused_requests_produce_nothing(broker, tmp_path, workers, attack):
     assert httpx.get(f"{worker.url}/campaigns").json()["campaigns"] == []
     metrics = httpx.get(f"{worker.url}/metrics").text
     assert "pipeline_webhook_signature_failures_total" in metrics
+
+
+@pytest.mark.parametrize("provider", ["sendgrid", "mailgun", "ses"])
+def test_simulate_emits_signed_native_webhooks(broker, tmp_path, workers, provider):
+    import os
+    import subprocess
+    import sys
+
+    env = provider_env(tmp_path)
+    worker = WorkerProcess(broker.address, tmp_path, env=env).start()
+    workers.append(worker)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "simulate", "--url", worker.url, "--provider", provider,
+         "--subscribers", "45", "--seed", "3"],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        campaigns = httpx.get(f"{worker.url}/campaigns").json()["campaigns"]
+        if campaigns and all(c["sources"] for c in campaigns):
+            break
+        time.sleep(0.5)
+    assert campaigns and all(set(c["sources"]) == {provider} for c in campaigns)
+    assert sum(c["counts"]["delivery"] for c in campaigns) > 0

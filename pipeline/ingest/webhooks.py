@@ -53,7 +53,7 @@ def warn_unconfigured(env: Mapping[str, str]) -> list[str]:
     for name in unconfigured:
         log.warning(
             "WEBHOOK /webhooks/%s HAS NO CREDENTIALS CONFIGURED: it accepts unauthenticated requests "
-            "(see PROVIDERS.md for the variables to set)",
+            "(see README.md, Providers for the variables to set)",
             name,
         )
     return unconfigured

@@ -2,7 +2,7 @@
 
 Each adapter is pure (no I/O except the SNS certificate fetch, which is injectable): the HTTP
 layer calls ``verify`` (raises :class:`SignatureError`), then ``parse`` (raises
-:class:`PayloadError`) and produces ``ParsedWebhook.events``. See PROVIDERS.md.
+:class:`PayloadError`) and produces ``ParsedWebhook.events``. See README.md, Providers.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ class MailgunAdapter:
 
     def __init__(self, replay_cache: ReplayCache | None = None) -> None:
         # in-process: with several workers a token replayed to another worker is not caught;
-        # the tolerance window bounds that exposure (documented in PROVIDERS.md)
+        # the tolerance window bounds that exposure (documented in README.md, Providers)
         self.replay_cache = replay_cache if replay_cache is not None else ReplayCache()
 
     def configured(self, env: Mapping[str, str]) -> bool:
