@@ -55,6 +55,7 @@ class Settings:
     max_campaigns: int = 1000
     max_body_bytes: int = 5 * 1024 * 1024
     max_events_per_request: int = 10_000
+    max_in_flight_events: int = 200_000  # waiting for broker acks; beyond it ingest answers 503
     ingest_token: str | None = None
     id_salt: bytes = b""
     batch_max: int = 2000
@@ -104,6 +105,7 @@ class Settings:
             batch_max=int(get("PIPELINE_BATCH_MAX", "2000")),
             batch_within=float(get("PIPELINE_BATCH_WITHIN", "0.05")),
             send_timeout=float(get("PIPELINE_SEND_TIMEOUT", "10")),
+            max_in_flight_events=int(get("PIPELINE_MAX_IN_FLIGHT_EVENTS", "200000")),
             env=env,
         )
         settings.check()
@@ -116,3 +118,7 @@ class Settings:
             raise SettingsError("PIPELINE_WINDOWS needs at least one window of 1m or more")
         if self.partitions < 1:
             raise SettingsError("PIPELINE_PARTITIONS must be positive")
+        if self.env.get("PIPELINE_BENCHMARKS"):
+            from pipeline.benchmarks import table_for_env
+
+            table_for_env(self.env)  # a broken benchmarks file stops the start, not a scrape

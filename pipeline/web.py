@@ -39,6 +39,10 @@ def error(status: int, reason: str, **extra: Any) -> web.Response:
     return json_response({"error": reason, **extra}, status=status)
 
 
+class Overloaded(RuntimeError):
+    """More events are waiting for the broker than the bound allows: answer 503, retry later."""
+
+
 class IngestService:
     """Validate, pseudonymise, dead-letter and publish; shared by ``/events`` and the webhooks."""
 
@@ -46,6 +50,7 @@ class IngestService:
         self.settings = settings
         self.producer = producer
         self.counters = counters
+        self.in_flight = 0  # events accepted from clients and not yet acknowledged by the broker
 
     def prepare(self, items: list[Any]) -> tuple[list[dict[str, Any]], list[tuple[int, Any, str]]]:
         salt = self.settings.id_salt
@@ -65,7 +70,23 @@ class IngestService:
     async def submit(
         self, valid: list[dict[str, Any]], rejected: list[tuple[int, Any, str]], source: str
     ) -> None:
-        """Publish and dead-letter; returns only when the broker acknowledged all of it."""
+        """Publish and dead-letter; returns only when the broker acknowledged all of it.
+
+        Memory is bounded: past ``max_in_flight_events`` waiting for the broker, new requests
+        get 503 at once (back-pressure) instead of queueing without limit.
+        """
+        size = len(valid) + len(rejected)
+        if self.in_flight and self.in_flight + size > self.settings.max_in_flight_events:
+            raise Overloaded(f"{self.in_flight} events already waiting for the broker")
+        self.in_flight += size
+        try:
+            await self._submit(valid, rejected, source)
+        finally:
+            self.in_flight -= size
+
+    async def _submit(
+        self, valid: list[dict[str, Any]], rejected: list[tuple[int, Any, str]], source: str
+    ) -> None:
         tasks = []
         if valid:
             tasks.append(self.producer.publish(valid))
@@ -195,7 +216,10 @@ class WebApp:
         return response
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
+        # idle keep-alive connections are closed after 15 s; slow bodies time out in read_body
+        self._runner = web.AppRunner(
+            self.app, access_log=None, handler_cancellation=True, keepalive_timeout=15
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.host, self.settings.port, shutdown_timeout=5.0)
         await site.start()
@@ -248,6 +272,8 @@ class WebApp:
             await self.ingest.submit(valid, rejected, "canonical")
         except BrokerUnavailable as exc:
             return error(503, "broker_unavailable", detail=str(exc), retry=True)
+        except Overloaded as exc:
+            return error(503, "overloaded", detail=str(exc), retry=True)
         doc = {"accepted": len(valid), "rejected": [{"index": i, "reason": r} for i, _, r in rejected]}
         return json_response(doc, status=202 if valid or not rejected else 400)
 

@@ -64,3 +64,40 @@ def test_rules_match_ground_truth(replay):
             for start, counts in starts.items()
         }
         assert got_windows == {k: v for k, v in expected["windows"].items() if v}
+
+
+def test_redelivery_dropped_up_to_the_48h_horizon():
+    """Event ids are remembered for the retention (48 h by default) in wall-clock time."""
+    from pipeline.dedupe import SubscriberRecord
+
+    event = validate_event(
+        {
+            "event_id": "x1",
+            "type": "click",
+            "channel": "email",
+            "campaign_id": "c",
+            "subscriber_id": "s",
+            "timestamp": 1_700_000_000,
+        },
+        now=1_700_000_100,
+        max_future_skew=300,
+    )
+    record, partial = SubscriberRecord(), Partial()
+    t0 = 1_700_000_100
+    apply_event(event, stamp_of(0, 1, 0), record, partial, now=t0, windows=WINDOWS, lateness=300)
+    for hours, offset in ((1, 2), (24, 3), (47.9, 4)):
+        record.prune(t0 + hours * 3600, 48 * 3600, partial.evicted)
+        apply_event(
+            event,
+            stamp_of(0, offset, 0),
+            record,
+            partial,
+            now=t0 + hours * 3600,
+            windows=WINDOWS,
+            lateness=300,
+        )
+    assert partial.totals == {"click": 1, "unique_click": 1, "unique_open": 1, "unique_human_open": 1}
+    assert partial.duplicates == 3
+    record.prune(t0 + 48.1 * 3600, 48 * 3600, partial.evicted)
+    assert "x1" not in record.ids  # forgotten after the horizon: state stays bounded
+    assert record.unique["click"]  # while uniqueness is kept for the campaign's lifetime

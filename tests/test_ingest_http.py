@@ -131,3 +131,32 @@ def test_broker_down_gives_503_and_recovers(broker, tmp_path, workers):
     assert resp.status_code == 503, resp.text
     assert resp.json()["error"] == "broker_unavailable"
     assert httpx.get(f"{worker.url}/metrics", timeout=10).status_code == 200
+
+
+def test_back_pressure_bounds_events_waiting_for_the_broker(broker, tmp_path, workers):
+    """While the broker is slow or gone, at most PIPELINE_MAX_IN_FLIGHT_EVENTS wait: the rest get 503 at once."""
+    import threading
+
+    worker = WorkerProcess(
+        broker.address, tmp_path, env={"PIPELINE_SEND_TIMEOUT": "6", "PIPELINE_MAX_IN_FLIGHT_EVENTS": "100"}
+    ).start()
+    workers.append(worker)
+    import os
+    import signal
+
+    os.kill(broker.process.pid, signal.SIGSTOP)  # a broker that hangs: sends wait for acks
+    first: dict = {}
+    waiting = threading.Thread(
+        target=lambda: first.update(
+            resp=httpx.post(f"{worker.url}/events", json=[good(i) for i in range(80)], timeout=60)
+        )
+    )
+    waiting.start()
+    time.sleep(1.5)
+    started = time.monotonic()
+    resp = httpx.post(f"{worker.url}/events", json=[good(100 + i) for i in range(40)], timeout=60)
+    assert resp.status_code == 503 and resp.json()["error"] == "overloaded"
+    assert time.monotonic() - started < 3  # refused at once, not queued
+    waiting.join()
+    os.kill(broker.process.pid, signal.SIGCONT)
+    assert first["resp"].status_code == 503 and first["resp"].json()["error"] == "broker_unavailable"

@@ -32,6 +32,8 @@ from pipeline.settings import Settings
 if TYPE_CHECKING:
     from pipeline.web import IngestService, WebApp
 
+from pipeline.web import Overloaded
+
 log = logging.getLogger(__name__)
 
 UNSUPPORTED_BY_SOURCE: dict[str, frozenset[str]] = {
@@ -127,7 +129,7 @@ class WebhookHandler:
         valid, rejected = self.ingest.prepare(parsed.events)
         try:
             await self.ingest.submit(valid, rejected, provider)
-        except BrokerUnavailable:
+        except (BrokerUnavailable, Overloaded):
             return self._json({"error": "broker_unavailable", "retry": True}, 503)
         return self._json(
             {

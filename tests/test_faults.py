@@ -1,0 +1,282 @@
+"""Fault suite against the real broker: every test compares exact final counts with the
+generated ground truth and records sent / acknowledged / counted / lost / doubled figures
+(printed, and appended to $PIPELINE_FAULT_REPORT when set, for the README's table)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import WorkerProcess
+from helpers import assert_exact, campaign_doc, nonzero, scrape, wait_for_counts
+
+from pipeline.broker import EmbeddedBroker, free_port, wait_for_port
+from pipeline.simulate import Traffic, generate, send
+
+
+def report(name: str, traffic: Traffic, acknowledged: int, docs: dict) -> None:
+    lost = doubled = counted = 0
+    for channel, campaign in traffic.campaigns:
+        want = traffic.truth.expected(channel, campaign)["counts"]
+        got = nonzero(docs[f"{channel}/{campaign}"]["counts"])
+        counted += sum(
+            got.get(k, 0) for k in ("impression", "click", "send", "delivery", "bounce", "open", "conversion")
+        )
+        for key in set(want) | set(got):
+            lost += max(0, want.get(key, 0) - got.get(key, 0))
+            doubled += max(0, got.get(key, 0) - want.get(key, 0))
+    figures = {
+        "fault": name,
+        "sent": len(traffic.events),
+        "acknowledged": acknowledged,
+        "distinct_events_counted": counted,
+        "lost": lost,
+        "doubled": doubled,
+    }
+    print(json.dumps(figures))
+    if os.environ.get("PIPELINE_FAULT_REPORT"):
+        with open(os.environ["PIPELINE_FAULT_REPORT"], "a") as out:
+            out.write(json.dumps(figures) + "\n")
+
+
+class Sender(threading.Thread):
+    """Sends a traffic run in order, retrying on 503 and dropped connections (always safe)."""
+
+    def __init__(self, url: str, events: list[dict], batch: int = 200) -> None:
+        super().__init__(daemon=True)
+        self.url, self.events, self.batch = url, events, batch
+        self.acknowledged = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.acknowledged = asyncio.run(send(self.url, self.events, self.batch, timeout=240))
+        except BaseException as exc:
+            self.error = exc
+
+
+def test_sigkill_at_random_points_of_a_long_stream(broker, tmp_path, workers):
+    rng = random.Random(61)
+    traffic = generate(seed=61, subscribers=6000)
+    worker = WorkerProcess(broker.address, tmp_path).start()
+    workers.append(worker)
+    sender = Sender(worker.url, traffic.events)
+    sender.start()
+    for _ in range(3):
+        time.sleep(rng.uniform(1.0, 4.0))
+        worker.kill()  # mid-request, mid-batch, mid-commit: wherever it is
+        time.sleep(rng.uniform(0.0, 1.0))
+        worker.start(wait=False)
+    sender.join(300)
+    assert sender.error is None and not sender.is_alive(), sender.error
+    assert sender.acknowledged == len(traffic.events)
+    worker.wait_healthy()
+    docs = wait_for_counts([worker.url], traffic, timeout=240)
+    assert_exact(docs, traffic)
+    report("worker SIGKILL x3 mid-stream", traffic, sender.acknowledged, docs)
+
+
+@pytest.fixture
+def durable_broker(tmp_path):
+    """Tansu on S3 storage (moto's S3 server on loopback): topics survive a broker restart."""
+    import boto3
+
+    s3_port = free_port()
+    moto = subprocess.Popen(
+        [str(Path(os.sys.executable).parent / "moto_server"), "-p", str(s3_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_port("127.0.0.1", s3_port, 30)
+    boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{s3_port}",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        region_name="eu-west-1",
+    ).create_bucket(Bucket="tansu", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    env = {
+        "AWS_ENDPOINT": f"http://127.0.0.1:{s3_port}",
+        "AWS_ALLOW_HTTP": "true",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+    }
+    broker = EmbeddedBroker(storage="s3://tansu/", env=env, log_path=tmp_path / "broker.log").start()
+    yield broker
+    broker.stop()
+    moto.terminate()
+    moto.wait(10)
+
+
+def test_broker_restart_with_durable_storage(durable_broker, tmp_path, workers):
+    traffic = generate(seed=62, subscribers=1500)
+    worker = WorkerProcess(durable_broker.address, tmp_path, env={"PIPELINE_SEND_TIMEOUT": "3"}).start()
+    workers.append(worker)
+    third = len(traffic.events) // 3
+    acknowledged = asyncio.run(send(worker.url, traffic.events[:third]))
+    durable_broker.stop()
+    # during the outage: 503, nothing half-accepted, retrying later is safe
+    resp = httpx.post(f"{worker.url}/events", json=traffic.events[third : third + 50], timeout=60)
+    assert resp.status_code == 503, resp.text
+    sender = Sender(worker.url, traffic.events[third:])
+    sender.start()
+    time.sleep(5)
+    durable_broker.start()  # same port, same bucket
+    sender.join(300)
+    assert sender.error is None and not sender.is_alive(), sender.error
+    acknowledged += sender.acknowledged
+    docs = wait_for_counts([worker.url], traffic, timeout=240)  # the worker reconnected by itself
+    assert_exact(docs, traffic)
+    assert worker.process.poll() is None
+    report("broker stop/start (S3 storage)", traffic, acknowledged, docs)
+
+
+def test_rebalance_second_worker_joins_then_leaves(broker, tmp_path, workers):
+    traffic = generate(seed=63, subscribers=3000, email_campaigns=4, ads_campaigns=3)
+    first = WorkerProcess(broker.address, tmp_path).start()
+    workers.append(first)
+    part = len(traffic.events) // 3
+    acknowledged = asyncio.run(send(first.url, traffic.events[:part]))
+    second = WorkerProcess(broker.address, tmp_path).start()
+    workers.append(second)
+    acknowledged += asyncio.run(send(second.url, traffic.events[part : 2 * part]))
+    urls = [first.url, second.url]
+    docs = wait_for_counts(
+        urls,
+        Traffic(traffic.events[: 2 * part], _partial_truth(traffic, 2 * part), traffic.campaigns),
+        timeout=180,
+    )
+    # both own something, and every campaign is exported by exactly one of them
+    owners = {}
+    for url in urls:
+        samples = scrape(url)
+        owned = {dict(labels)["campaign"] for (name, labels) in samples if name == "funnel_events_total"}
+        owners[url] = owned
+    assert owners[first.url] and owners[second.url], owners
+    assert not owners[first.url] & owners[second.url], owners
+    assert owners[first.url] | owners[second.url] == {c for _, c in traffic.campaigns}
+    second.stop()  # leaves cleanly; its partitions move back
+    acknowledged += asyncio.run(send(first.url, traffic.events[2 * part :]))
+    docs = wait_for_counts([first.url], traffic, timeout=180)
+    assert_exact(docs, traffic)
+    for channel, campaign in traffic.campaigns:
+        assert campaign_doc([first.url], channel, campaign) is not None
+    report("second worker joins then leaves", traffic, acknowledged, docs)
+
+
+def _partial_truth(traffic: Traffic, upto: int):
+    """Ground truth of a prefix of the stream, recomputed the simulator's way."""
+    from pipeline.simulate import Truth
+
+    truth = Truth(traffic.truth.windows)
+    seen_ids: set[str] = set()
+    seen_orders: set[tuple[str, str]] = set()
+    late_ids = {e["event_id"] for e in traffic.events if e["event_id"].endswith("-late")}
+    for event in traffic.events[:upto]:
+        if event["event_id"] in seen_ids:
+            continue
+        seen_ids.add(event["event_id"])
+        order = event.get("order_id")
+        if order and (event["campaign_id"], order) in seen_orders:
+            continue
+        if order:
+            seen_orders.add((event["campaign_id"], order))
+        truth.count(event, late=event["event_id"] in late_ids)
+    return truth
+
+
+def test_redelivery_storm(worker):
+    """Every event delivered 3-5 times, interleaved across the whole stream."""
+    rng = random.Random(64)
+    traffic = generate(seed=64, subscribers=900, redelivery=0.0)
+    storm = []
+    for index, event in enumerate(traffic.events):
+        storm.append((index, 0, dict(event)))  # the first copy keeps its place in the stream
+        for copy in range(rng.randint(2, 4)):  # 2-4 more copies, later, interleaved with the rest
+            storm.append((index + rng.randint(1, 3000), 1 + copy, dict(event)))
+    storm.sort(key=lambda item: (item[0], item[1]))
+    events = [event for _, _, event in storm]
+    acknowledged = asyncio.run(send(worker.url, events, batch=500))
+    for channel, campaign in traffic.campaigns:
+        traffic.truth.duplicates[(channel, campaign)] += sum(
+            1 for e in events if e["campaign_id"] == campaign
+        ) - sum(1 for e in traffic.events if e["campaign_id"] == campaign)
+    storm_traffic = Traffic(events, traffic.truth, traffic.campaigns)
+    docs = wait_for_counts([worker.url], storm_traffic)
+    assert_exact(docs, storm_traffic)
+    report("redelivery storm (3-5 copies)", storm_traffic, acknowledged, docs)
+
+
+def test_out_of_order_and_late_across_window_boundaries(worker):
+    """Hand-built: events straddling a 5m boundary arrive out of order; one arrives too late."""
+    boundary = (int(time.time()) // 3600 - 2) * 3600  # a boundary of both 5m and 1h windows
+
+    def ev(n: int, kind: str, at: float, who: str = "s1") -> dict:
+        return {
+            "event_id": f"w{n}",
+            "type": kind,
+            "channel": "email",
+            "campaign_id": "windows",
+            "subscriber_id": who,
+            "timestamp": at,
+        }
+
+    # lateness is judged per topic partition (here: the open topic's own event time)
+    events = [
+        ev(1, "delivery", boundary - 30),
+        ev(2, "open", boundary + 10),  # the next window first...
+        ev(3, "click", boundary - 5),  # ...then the previous one, out of order (not late)
+        ev(4, "open", boundary + 200),
+        ev(5, "open", boundary + 1500),  # moves the opens' event time 25 minutes on
+        ev(6, "open", boundary + 600),  # too late for its 5m window, inside its open 1h window
+        ev(7, "open", boundary - 4000),  # too late for every window: counts in "all" only
+    ]
+    assert httpx.post(f"{worker.url}/events", json=events, timeout=30).status_code == 202
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        resp = httpx.get(f"{worker.url}/campaigns/email/windows")
+        if resp.status_code == 200 and resp.json()["counts"]["open"] == 5:
+            break
+        time.sleep(0.3)
+    doc = resp.json()
+    assert nonzero(doc["counts"]) == {
+        "delivery": 1,
+        "open": 5,
+        "click": 1,
+        "unique_open": 1,
+        "unique_human_open": 1,
+        "unique_click": 1,
+    }
+    assert doc["late_events"] == 2
+    windows = {
+        (w["start"], w["end"] - w["start"]): nonzero(w["counts"])
+        for ws in doc["window_history"].values()
+        for w in ws
+    }
+    assert windows[(boundary - 300, 300)] == {
+        "delivery": 1,
+        "click": 1,
+        "unique_click": 1,
+        "unique_open": 1,
+        "unique_human_open": 1,
+    }
+    assert windows[(boundary, 300)] == {"open": 2, "unique_open": 1, "unique_human_open": 1}
+    assert windows[(boundary + 1500, 300)] == {"open": 1, "unique_open": 1, "unique_human_open": 1}
+    assert windows[(boundary - 3600, 3600)] == {
+        "delivery": 1,
+        "click": 1,
+        "unique_click": 1,
+        "unique_open": 1,
+        "unique_human_open": 1,
+    }
+    assert windows[(boundary, 3600)] == {"open": 4, "unique_open": 1, "unique_human_open": 1}
+    assert (boundary + 600, 300) not in windows
