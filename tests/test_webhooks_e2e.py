@@ -195,6 +195,7 @@ def test_every_adapter_end_to_end_with_redeliveries(broker, tmp_path, workers):
     # no address anywhere in what the worker shows
     assert "@example.com" not in httpx.get(f"{base_url}/campaigns").text
     assert "@example.com" not in httpx.get(f"{base_url}/metrics").text
+    assert "@example.com" not in worker.log_path.read_text(errors="replace")  # nor in its logs
 
 
 @pytest.mark.parametrize("attack", ["tampered", "wrong_key", "no_signature"])
