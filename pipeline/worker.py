@@ -12,7 +12,9 @@ from prometheus_client import CollectorRegistry
 from pipeline.aggregate import CampaignView
 from pipeline.app import Pipeline, create_pipeline
 from pipeline.broker import read_true_highwaters
+from pipeline.diagnosis import diagnose_view
 from pipeline.ingest.producer import EventProducer
+from pipeline.ingest.webhooks import add_webhook_routes, unsupported_for_sources
 from pipeline.metrics import FunnelCollector, HealthCounters, LagCollector
 from pipeline.settings import Settings
 from pipeline.topics import PARTIALS_TOPIC, RAW_TOPICS
@@ -23,8 +25,6 @@ log = logging.getLogger(__name__)
 
 def unsupported_rates(view: CampaignView) -> frozenset[str]:
     """Rates a campaign's sources cannot support, so they are reported as such, not wrong."""
-    from pipeline.ingest.webhooks import unsupported_for_sources
-
     return unsupported_for_sources(view.sources)
 
 
@@ -63,9 +63,6 @@ def consumer_lag(app: faust.App) -> dict[tuple[str, int], int]:
 
 
 def build_worker(settings: Settings) -> tuple[Pipeline, HttpService]:
-    from pipeline.diagnosis import diagnose_view
-    from pipeline.ingest.webhooks import add_webhook_routes
-
     pipeline = create_pipeline(settings)
     registry = CollectorRegistry(auto_describe=False)
     counters = HealthCounters(registry)
