@@ -102,6 +102,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return simulate_main(args)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import main as report_main
+
+    return report_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = sub.add_parser("simulate", help="realistic traffic with known ground truth")
     add_arguments(simulate)
     simulate.set_defaults(func=cmd_simulate)
+
+    from pipeline.report import add_arguments as report_arguments
+
+    report = sub.add_parser("report", help="the campaign funnel table with rates and diagnosis")
+    report_arguments(report)
+    report.set_defaults(func=cmd_report)
     return parser
 
 
