@@ -108,6 +108,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     return report_main(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import orjson
+
+    from pipeline.bench.report import render
+    from pipeline.bench.run import run
+
+    result = run(
+        {
+            "small": args.small,
+            "events": args.events,
+            "baseline_events": args.baseline_events,
+            "campaigns": args.campaigns,
+            "population": args.population,
+            "subscribers": args.subscribers,
+            "skip": args.skip.split(",") if args.skip else [],
+            "profile": args.profile,
+            "keep": args.keep,
+            "workdir": args.workdir,
+        }
+    )
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        print(render(result))
+    return 1 if result.get("errors") else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
     worker_args(worker)
     worker.add_argument("--broker", default=None, help="host:port of Kafka (PIPELINE_BROKER)")
     worker.set_defaults(func=cmd_worker)
+
+    bench = sub.add_parser("bench", help="throughput, latency and memory side by side on the embedded broker")
+    bench.add_argument("--small", action="store_true", help="a small run (tests): seconds, not minutes")
+    bench.add_argument("--json", action="store_true", help="the results as JSON on stdout")
+    bench.add_argument("--events", type=int, default=None, help="events for ceiling and topology (200,000)")
+    bench.add_argument("--baseline-events", type=int, default=None, help="events for natural Faust (5,000)")
+    bench.add_argument("--campaigns", type=int, default=None, help="campaigns, Zipf-distributed (100)")
+    bench.add_argument("--population", type=int, default=None, help="subscribers in the events (20,000)")
+    bench.add_argument("--subscribers", type=int, default=None, help="dedupe state to measure (10,000,000)")
+    bench.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated phases to skip: topology,ceiling,baseline,ingest,latency,memory,scale",
+    )
+    bench.add_argument("--profile", action="store_true", help="pyinstrument profile of the topology worker")
+    bench.add_argument("--keep", action="store_true", help="keep the work directory (logs, profiles)")
+    bench.add_argument("--workdir", default=None)
+    bench.set_defaults(func=cmd_bench)
 
     from pipeline.simulate import add_arguments
 

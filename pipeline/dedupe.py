@@ -60,16 +60,41 @@ class SubscriberRecord:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> SubscriberRecord:
-        return cls(doc.get("i", {}), doc.get("u", {}), doc.get("w", {}), doc.get("o", {}))
+        record = cls.__new__(cls)  # skips the dataclass __init__: this runs once per record read
+        if doc:
+            record.ids = doc.get("i", {})
+            record.unique = doc.get("u", {})
+            record.windows = doc.get("w", {})
+            record.orders = doc.get("o", {})
+        else:
+            record.ids, record.unique, record.windows, record.orders = {}, {}, {}, {}
+        return record
 
     def prune(self, now: float, retention: float, evicted: dict[str, int]) -> None:
         """Forget event ids past the redelivery horizon and flags of windows closed for good."""
         horizon = now - retention
-        self.ids = {k: v for k, v in self.ids.items() if v[3] >= horizon}
-        for key in list(self.windows):
-            size, start = key.split(":")
-            if int(start) <= evicted.get(size, -1):
-                del self.windows[key]
+        for entry in self.ids.values():
+            if entry[3] < horizon:
+                self.ids = {k: v for k, v in self.ids.items() if v[3] >= horizon}
+                break
+        if evicted and self.windows:
+            for key in list(self.windows):
+                size, start = _split_window_key(key)
+                if start <= evicted.get(size, -1):
+                    del self.windows[key]
+
+
+_SPLIT_KEYS: dict[str, tuple[str, int]] = {}
+
+
+def _split_window_key(key: str) -> tuple[str, int]:
+    parts = _SPLIT_KEYS.get(key)
+    if parts is None:
+        if len(_SPLIT_KEYS) > 100_000:
+            _SPLIT_KEYS.clear()
+        size, start = key.split(":")
+        parts = _SPLIT_KEYS[key] = (size, int(start))
+    return parts
 
 
 @dataclass
@@ -124,6 +149,19 @@ def _bump(counts: dict[str, int], name: str) -> None:
     counts[name] = counts.get(name, 0) + 1
 
 
+_TOPIC_KEYS = tuple(str(code) for code in range(64))  # str(topic code), without formatting
+_WINDOW_KEYS: dict[tuple[int, int], str] = {}  # (size, start) -> "size:start"
+
+
+def _window_key(size: int, start: int) -> str:
+    key = _WINDOW_KEYS.get((size, start))
+    if key is None:
+        if len(_WINDOW_KEYS) > 100_000:
+            _WINDOW_KEYS.clear()
+        key = _WINDOW_KEYS[(size, start)] = f"{size}:{start}"
+    return key
+
+
 def apply_event(
     event: dict[str, Any],
     stamp: Stamp,
@@ -138,72 +176,138 @@ def apply_event(
 
     Idempotent for a given stamp: applying the same (event, stamp) again changes nothing.
     """
+    return apply(
+        event, stamp, record, partial, now, windows if type(windows) is tuple else tuple(windows), lateness
+    )
+
+
+def apply(
+    event: dict[str, Any],
+    stamp: Stamp,
+    record: SubscriberRecord,
+    partial: Partial,
+    now: float,
+    sizes: tuple[int, ...],
+    lateness: int,
+) -> bool:
+    """:func:`apply_event` with positional arguments and ``windows`` as a tuple (the hot path)."""
     topic, position = stamp
-    if partial.positions.get(str(topic), -1) >= position:
+    tkey = _TOPIC_KEYS[topic] if 0 <= topic < 64 else str(topic)
+    positions = partial.positions
+    if positions.get(tkey, -1) >= position:
         return False  # this partial already counted it (replay after a crash)
-    partial.positions[str(topic)] = position
+    positions[tkey] = position
     partial.seq += 1
     timestamp = event["timestamp"]
     changed = False
 
-    sizes = list(windows)
-    entry = record.ids.get(event["event_id"])
+    ids = record.ids
+    event_id = event["event_id"]
+    entry = ids.get(event_id)
     if entry is None:
         # Lateness is judged against the event time seen on the event's own topic partition:
         # the order within it is the order produced, while topics are consumed at their own
         # pace. Bit i set: too late for window sizes[i]; stored, so a replay decides the same.
-        seen = partial.watermarks.get(str(topic), 0.0)
-        late_mask = sum(
-            1 << i
-            for i, size in enumerate(sizes)
-            if window_start(timestamp, size) + size + lateness <= seen
-            or window_start(timestamp, size) <= partial.evicted.get(str(size), -1)
-        )
-        entry = record.ids[event["event_id"]] = [topic, position, late_mask, int(now)]
+        seen = partial.watermarks.get(tkey, 0.0)
+        evicted = partial.evicted
+        late_mask = 0
+        for i, size in enumerate(sizes):
+            start = int(timestamp // size) * size
+            if start + size + lateness <= seen or (evicted and start <= evicted.get(str(size), -1)):
+                late_mask |= 1 << i
+        entry = ids[event_id] = [topic, position, late_mask, int(now)]
         changed = True
     if entry[0] != topic or entry[1] != position:
         partial.duplicates += 1  # a redelivery: first seen at another position
         return changed
 
     kind = event["type"]
-    order_id = event.get("order_id")
-    if kind == "conversion" and order_id:
-        first = record.orders.setdefault(order_id, stamp)
-        changed = changed or first is stamp
-        if first != stamp:
-            partial.duplicates += 1  # the same order again, under a new event id
-            return changed
+    if kind == "conversion":
+        order_id = event.get("order_id")
+        if order_id:
+            first = record.orders.setdefault(order_id, stamp)
+            changed = changed or first is stamp
+            if first != stamp:
+                partial.duplicates += 1  # the same order again, under a new event id
+                return changed
 
     late_mask = entry[2]
-    _bump(partial.sources, event.get("source") or "canonical")
-    partial.watermarks[str(topic)] = max(partial.watermarks.get(str(topic), 0.0), timestamp)
+    sources = partial.sources
+    source = event.get("source") or "canonical"
+    sources[source] = sources.get(source, 0) + 1
+    watermarks = partial.watermarks
+    if timestamp > watermarks.get(tkey, 0.0):
+        watermarks[tkey] = timestamp
+    elif tkey not in watermarks:
+        watermarks[tkey] = 0.0
     if late_mask:
         partial.late += 1  # still counted in "all", and visible as late
-    window_keys = [
-        f"{size}:{window_start(timestamp, size)}" for i, size in enumerate(sizes) if not late_mask & (1 << i)
-    ]
+    pwindows = partial.windows
+    window_counts: list[tuple[str, dict[str, int]]] = []
+    for i, size in enumerate(sizes):
+        if not late_mask & (1 << i):
+            key = _window_key(size, int(timestamp // size) * size)
+            counts = pwindows.get(key)
+            if counts is None:
+                counts = pwindows[key] = {}
+            window_counts.append((key, counts))
 
-    names = [kind]
+    totals = partial.totals
+    totals[kind] = totals.get(kind, 0) + 1
+    for _, counts in window_counts:
+        counts[kind] = counts.get(kind, 0) + 1
+    extra = None
     if kind == "open" and event.get("machine"):
-        names.append("machine_open")
-    if kind == "click" and event.get("bot"):
-        names.append("bot_click")
-    for name in names:
-        _bump(partial.totals, name)
-        for key in window_keys:
-            _bump(partial.windows.setdefault(key, {}), name)
+        extra = "machine_open"
+    elif kind == "click" and event.get("bot"):
+        extra = "bot_click"
+    if extra is not None:
+        totals[extra] = totals.get(extra, 0) + 1
+        for _, counts in window_counts:
+            counts[extra] = counts.get(extra, 0) + 1
 
-    for name in unique_counts(event):
-        first = record.unique.setdefault(name, stamp)
-        changed = changed or first is stamp
-        if first == stamp:
-            _bump(partial.totals, f"unique_{name}")
-        for key in window_keys:
-            first = record.windows.setdefault(key, {}).setdefault(name, stamp)
-            changed = changed or first is stamp
-            if first == stamp:
-                _bump(partial.windows.setdefault(key, {}), f"unique_{name}")
+    names = _UNIQUE_BY_KIND.get((kind, event["channel"], extra))
+    if names is None:
+        names = unique_counts(event)
+    if names:
+        unique = record.unique
+        rwindows = record.windows
+        for name in names:
+            first = unique.setdefault(name, stamp)
+            if first is stamp:
+                changed = True
+                uname = _UNIQUE_NAMES[name]
+                totals[uname] = totals.get(uname, 0) + 1
+            elif first == stamp:
+                uname = _UNIQUE_NAMES[name]
+                totals[uname] = totals.get(uname, 0) + 1
+            for key, counts in window_counts:
+                flags = rwindows.get(key)
+                if flags is None:
+                    flags = rwindows[key] = {}
+                first = flags.setdefault(name, stamp)
+                if first is stamp:
+                    changed = True
+                    uname = _UNIQUE_NAMES[name]
+                    counts[uname] = counts.get(uname, 0) + 1
+                elif first == stamp:
+                    uname = _UNIQUE_NAMES[name]
+                    counts[uname] = counts.get(uname, 0) + 1
     return changed
+
+
+_UNIQUE_NAMES = {name: f"unique_{name}" for name in UNIQUE_EVENTS}
+# unique_counts() by (type, channel, extra count): what the common events resolve to
+_UNIQUE_BY_KIND: dict[tuple[str, str, str | None], tuple[str, ...]] = {
+    ("click", "email", None): ("click", "open", "human_open"),
+    ("click", "email", "bot_click"): ("click", "open"),
+    ("click", "ads", None): ("click",),
+    ("click", "ads", "bot_click"): ("click",),
+    ("open", "email", None): ("open", "human_open"),
+    ("open", "email", "machine_open"): ("open",),
+    ("conversion", "email", None): ("conversion",),
+    ("conversion", "ads", None): ("conversion",),
+}
 
 
 def unique_counts(event: dict[str, Any]) -> tuple[str, ...]:

@@ -27,3 +27,19 @@ def raw_topic(event_type: str) -> str:
 def partition_for(key: str, partitions: int) -> int:
     """Kafka's default partitioner (the Java client's murmur2), as aiokafka implements it."""
     return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+VALIDATED_HEADER = "funnel-validated"  # set by the ingest on arrays of events it validated
+VALIDATED_VALUE = b"1"
+
+
+def is_validated(headers: object) -> bool:
+    """Whether a message carries the ingest's mark (its events need no second validation)."""
+    if not headers:
+        return False
+    if isinstance(headers, dict):
+        return headers.get(VALIDATED_HEADER) == VALIDATED_VALUE
+    for name, value in headers:  # type: ignore[attr-defined]
+        if name == VALIDATED_HEADER:
+            return value == VALIDATED_VALUE
+    return False

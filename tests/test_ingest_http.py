@@ -134,7 +134,7 @@ def test_broker_down_gives_503_and_recovers(broker, tmp_path, workers):
 
 
 def test_back_pressure_bounds_events_waiting_for_the_broker(broker, tmp_path, workers):
-    """While the broker is slow or gone, at most PIPELINE_MAX_IN_FLIGHT_EVENTS wait: the rest get 503 at once."""
+    """While the broker hangs, at most PIPELINE_MAX_IN_FLIGHT_EVENTS wait; the rest get 503 at once."""
     import threading
 
     worker = WorkerProcess(

@@ -13,7 +13,6 @@ import time
 
 import httpx
 import pytest
-
 from conftest import WorkerProcess
 
 SECONDS = int(os.environ.get("PIPELINE_SOAK_SECONDS", "0"))

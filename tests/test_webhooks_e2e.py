@@ -238,9 +238,24 @@ def test_simulate_emits_signed_native_webhooks(broker, tmp_path, workers, provid
     worker = WorkerProcess(broker.address, tmp_path, env=env).start()
     workers.append(worker)
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "simulate", "--url", worker.url, "--provider", provider,
-         "--subscribers", "45", "--seed", "3"],
-        env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "simulate",
+            "--url",
+            worker.url,
+            "--provider",
+            provider,
+            "--subscribers",
+            "45",
+            "--seed",
+            "3",
+        ],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     deadline = time.monotonic() + 30

@@ -1,0 +1,111 @@
+"""Shared helpers of the bench: peak RSS, status files, progress on stderr, producing events."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+
+def peak_rss_mib(pid: int | str = "self") -> float:
+    """Peak resident set size (VmHWM) of a process, in MiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def rss_mib(pid: int | str = "self") -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def write_json(path: Path, doc: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(orjson.dumps(doc))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+
+
+def run_async(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def produce_batched(broker: str, events: list[dict[str, Any]], request_size: int = 1000) -> float:
+    """Publish like the HTTP ingest does (per request: group by partition, one message a group)."""
+    from pipeline.ingest.producer import EventProducer
+    from pipeline.settings import Settings
+
+    producer = EventProducer(Settings(broker=broker, idempotent_producer=False))
+    started = time.perf_counter()
+    try:
+        pending: list[asyncio.Task] = []
+        for i in range(0, len(events), request_size):
+            pending.append(asyncio.ensure_future(producer.publish(events[i : i + request_size])))
+            if len(pending) >= 8:
+                await pending.pop(0)
+        for task in pending:
+            await task
+    finally:
+        await producer.stop()
+    return time.perf_counter() - started
+
+
+async def produce_single(broker: str, topic: str, events: list[dict[str, Any]], partitions: int = 4) -> None:
+    """One event per message, keyed by subscriber: what a direct producer writes."""
+    from aiokafka import AIOKafkaProducer
+
+    from pipeline.events import routing_key
+    from pipeline.topics import partition_for
+
+    producer = AIOKafkaProducer(bootstrap_servers=broker, acks="all", linger_ms=5, enable_idempotence=False)
+    await producer.start()
+    try:
+        futures = []
+        for event in events:
+            key = routing_key(event)
+            futures.append(
+                await producer.send(
+                    topic, orjson.dumps(event), key=key.encode(), partition=partition_for(key, partitions)
+                )
+            )
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def create_topics(broker: str, topics: list[str], partitions: int = 4) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [NewTopic(t, partitions, 1) for t in topics if t not in existing]
+        if new:
+            await admin.create_topics(new)
+    finally:
+        await admin.close()

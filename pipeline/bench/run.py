@@ -1,0 +1,190 @@
+"""The driver of ``pipeline bench``: every mechanism on the same generated events, in one run.
+
+Phases, each in processes of its own (so each peak RSS is its own):
+
+1. embedded broker A: the workload is produced once as the ingest produces it (batched per
+   partition) and its first ``--baseline-events`` once more as one-event messages;
+   the framework-free ceiling, the natural Faust baseline and the real topology consume it;
+2. embedded broker B: a real ``pipeline worker``: HTTP ingest in batches of 1,000, 100 and 1,
+   then webhook-to-``/metrics`` latency at half the sustainable load;
+3. dedupe state of ``--subscribers`` subscribers in RocksDB;
+4. embedded broker C: two real-topology workers on one hot campaign.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.bench import baseline, ceiling, ingest, latency, memory, scale, topology
+from pipeline.bench.common import create_topics, produce_single, progress, run_async
+from pipeline.bench.data import generate
+from pipeline.broker import EmbeddedBroker
+from pipeline.topics import raw_topic
+
+SINGLE_TOPIC = "bench.single"
+
+
+def defaults(small: bool) -> dict[str, Any]:
+    if small:
+        return {
+            "events": 6_000,
+            "baseline_events": 600,
+            "campaigns": 20,
+            "population": 2_000,
+            "subscribers": 50_000,
+            "ingest_plan": [(1000, 4), (100, 10), (1, 50)],
+            "probes": 3,
+            "scale_events": 4_000,
+        }
+    return {
+        "events": 200_000,
+        "baseline_events": 5_000,
+        "campaigns": 100,
+        "population": 20_000,
+        "subscribers": 10_000_000,
+        "ingest_plan": [(1000, 150), (100, 300), (1, 1500)],
+        "probes": 20,
+        "scale_events": 100_000,
+    }
+
+
+def run(options: dict[str, Any]) -> dict[str, Any]:
+    cfg = defaults(options.get("small", False))
+    cfg.update({k: v for k, v in options.items() if v is not None and k in cfg})
+    skip = set(options.get("skip") or ())
+    workdir = Path(options.get("workdir") or tempfile.mkdtemp(prefix="pipeline-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "config": {
+            **{k: v for k, v in cfg.items() if k != "ingest_plan"},
+            "redeliveries": 0.10,
+            "partitions": 4,
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        },
+        "errors": {},
+    }
+    started = time.monotonic()
+
+    def phase(name: str, fn: Any) -> None:
+        if name in skip:
+            return
+        try:
+            fn()
+        except Exception as exc:  # one broken phase must not hide the others
+            result["errors"][name] = f"{exc.__class__.__name__}: {exc}"
+            progress(f"{name}: FAILED: {exc}")
+
+    progress(
+        f"generating {cfg['events']:,} events ({cfg['campaigns']} campaigns, "
+        f"{cfg['population']:,} subscribers)"
+    )
+    workload = generate(cfg["events"], campaigns=cfg["campaigns"], subscribers=cfg["population"])
+    sample = generate(cfg["baseline_events"], campaigns=cfg["campaigns"], subscribers=cfg["population"])
+    progress(f"workload: {workload.total:,} events, {workload.redelivered:,} redeliveries")
+
+    with EmbeddedBroker(log_path=workdir / "broker-a.log") as broker:
+
+        def produce_all() -> None:
+            run_async(create_topics(broker.address, [SINGLE_TOPIC]))
+            run_async(produce_single(broker.address, SINGLE_TOPIC, sample.events))
+
+        phase("produce", produce_all)
+
+        def do_topology() -> None:
+            result["topology"] = topology.measure(
+                broker.address, workload, workdir, profile=options.get("profile", False)
+            )
+            progress(
+                f"topology: {result['topology']['events_per_s']:,.0f} events/s, "
+                f"exact={result['topology']['exact']}"
+            )
+
+        phase("topology", do_topology)
+
+        def do_ceiling() -> None:
+            result["ceiling"] = ceiling.measure(broker.address, raw_topic("click"), workload, workdir)
+            progress(f"ceiling: {result['ceiling']['events_per_s']:,.0f} events/s")
+
+        phase("ceiling", do_ceiling)
+
+        def do_baseline() -> None:
+            progress(f"baseline: {sample.total:,} one-event messages through natural-style Faust")
+            result["baseline"] = baseline.measure(broker.address, SINGLE_TOPIC, sample, workdir)
+            progress(f"baseline: {result['baseline']['events_per_s']:,.0f} events/s")
+
+        phase("baseline", do_baseline)
+
+    def do_http() -> None:
+        with EmbeddedBroker(log_path=workdir / "broker-b.log") as broker:
+            run_async(http_phases(broker.address, workdir, cfg, result, skip))
+
+    if not {"ingest", "latency"} <= skip:
+        phase("http", do_http)
+
+    def do_memory() -> None:
+        progress(f"memory: dedupe state of {cfg['subscribers']:,} subscribers")
+        result["memory"] = memory.measure(cfg["subscribers"], workdir)
+
+    phase("memory", do_memory)
+
+    def do_scale() -> None:
+        hot = generate(
+            cfg["scale_events"], campaigns=1, subscribers=cfg["population"], seed=11, hot_campaign="hot-sale"
+        )
+        with EmbeddedBroker(log_path=workdir / "broker-c.log") as broker:
+            result["scale"] = scale.measure(broker.address, hot, workdir)
+
+    phase("scale", do_scale)
+    result["seconds"] = time.monotonic() - started
+    if not options.get("keep"):
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        result["workdir"] = str(workdir)
+    return result
+
+
+async def http_phases(broker: str, workdir: Path, cfg: dict, result: dict, skip: set) -> None:
+    import aiohttp
+
+    worker = ingest.Worker(broker, workdir)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            progress("http: starting a pipeline worker")
+            await worker.wait_healthy(session)
+            events = generate(
+                sum(size * n for size, n in cfg["ingest_plan"]),
+                campaigns=cfg["campaigns"],
+                subscribers=cfg["population"],
+                seed=23,
+                redeliveries=0.0,
+            ).events
+            if "ingest" not in skip:
+                result["ingest"] = await ingest.measure(session, worker, events, cfg["ingest_plan"])
+                for row in result["ingest"]:
+                    progress(
+                        f"ingest: batches of {row['batch']}: {row['events_per_s']:,.0f} events/s, "
+                        f"p99 {row['p99_ms']:.0f} ms"
+                    )
+            if "latency" not in skip:
+                # one worker process both ingests and processes what it ingested, so its
+                # sustainable load is the harmonic combination of the two measured rates
+                rates = [r["events_per_s"] for r in result.get("ingest", []) if r["batch"] == 1000]
+                if result.get("topology"):
+                    rates.append(result["topology"]["events_per_s"])
+                sustainable = 1 / sum(1 / r for r in rates) if rates else 10_000.0
+                rate = 0.5 * sustainable
+                result["sustainable_events_per_s"] = sustainable
+                result["latency"] = await latency.measure(session, worker, events, rate, cfg["probes"])
+                lat = result["latency"]
+                progress(f"latency: p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms")
+    finally:
+        result["ingest_worker_peak_rss_mib"] = worker.peak_rss_mib()
+        worker.stop()

@@ -1,0 +1,270 @@
+"""The real topology: :func:`pipeline.app.create_pipeline` in a worker process of its own.
+
+Run as ``python -m pipeline.bench.topology --status FILE --expect N`` with the usual
+``PIPELINE_*`` environment. The stages are the pipeline's own; this runner only watches them:
+the time the first batch reaches the dedupe stage, events applied by this worker's dedupe
+stage, and the snapshots applied by its aggregate stage. When the campaign snapshots it holds
+account for ``--expect`` events (the sum of their ``seq`` over partitions), it records the time,
+its counts and its peak RSS in the status file, which the driver reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from pipeline.bench.common import peak_rss_mib, rss_mib, write_json
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--status", required=True)
+    parser.add_argument("--expect", type=int, default=0, help="events whose snapshots mean done")
+    parser.add_argument("--profile", default=None, help="write a pyinstrument profile here")
+    args = parser.parse_args(argv)
+
+    import faust
+    import mode
+
+    from pipeline.app import create_pipeline
+    from pipeline.broker import read_true_highwaters
+    from pipeline.settings import Settings
+
+    settings = Settings.from_env()
+    pipeline = create_pipeline(settings)
+    if os.environ.get("BENCH_GC"):
+        import gc
+
+        gc.set_threshold(*(int(x) for x in os.environ["BENCH_GC"].split(",")))
+    status_path = Path(args.status)
+    state: dict[str, Any] = {
+        "pid": os.getpid(),
+        "first": None,
+        "done": None,
+        "dedupe_events": 0,
+        "dedupe_batches": 0,
+        "aggregate_snapshots": 0,
+        "applied_seq": 0,
+        "assigned": [],
+    }
+    seqs: dict[tuple[bytes, int], int] = {}
+    dedupe_process = pipeline.dedupe.process
+    aggregate_process = pipeline.aggregate.process
+    profiler = None
+
+    async def dedupe_wrapped(events: list) -> int:
+        nonlocal profiler
+        if state["first"] is None:
+            state["first"] = time.time()
+            if args.profile:
+                from pyinstrument import Profiler
+
+                profiler = Profiler(async_mode="disabled")
+                profiler.start()
+        applied = await dedupe_process(events)
+        state["dedupe_events"] += applied
+        state["dedupe_batches"] += 1
+        return applied
+
+    async def aggregate_wrapped(events: list) -> None:
+        await aggregate_process(events)
+        for event in events:
+            doc = orjson.loads(event.value)
+            key = (event.message.key, doc["p"])
+            q = doc["s"]["q"]
+            old = seqs.get(key, 0)
+            if q > old:
+                seqs[key] = q
+                state["applied_seq"] += q - old
+        state["aggregate_snapshots"] += len(events)
+        if args.expect and state["done"] is None and state["applied_seq"] >= args.expect:
+            state["done"] = time.time()
+            if profiler is not None:
+                profiler.stop()
+                Path(args.profile).write_text(
+                    profiler.output_text(unicode=False, color=False, show_all=False)
+                )
+            finish()
+
+    def finish() -> None:
+        views = pipeline.aggregate.views()
+        state["campaigns"] = {
+            f"{v.channel}|{v.campaign}": {
+                "counts": {k: n for k, n in v.totals.items() if n},
+                "duplicates": v.duplicates,
+                "late": v.late,
+                "windows": {
+                    f"{size}:{start}": {k: n for k, n in counts.items() if n}
+                    for size, starts in v.windows.items()
+                    for start, counts in starts.items()
+                },
+            }
+            for v in views
+        }
+        write_status()
+
+    def write_status() -> None:
+        state["peak_rss_mib"] = peak_rss_mib()
+        state["rss_mib"] = rss_mib()
+        try:
+            state["assigned"] = sorted([tp.topic, tp.partition] for tp in pipeline.app.consumer.assignment())
+        except Exception:
+            pass
+        write_json(status_path, state)
+
+    pipeline.dedupe.process = dedupe_wrapped  # type: ignore[method-assign]
+    pipeline.aggregate.process = aggregate_wrapped  # type: ignore[method-assign]
+
+    @pipeline.app.timer(interval=0.5)
+    async def report() -> None:
+        write_status()
+
+    class Highwaters(mode.Service):
+        async def on_start(self) -> None:
+            read_true_highwaters(pipeline.app.consumer, settings.broker or "")
+
+    worker = faust.Worker(pipeline.app, Highwaters(), loglevel="warning", quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+# --- driver side -------------------------------------------------------------------------
+
+
+def worker_env(
+    broker: str, data_dir: Path, app_id: str, port: int, extra: dict[str, str] | None = None
+) -> dict:
+    return {
+        **os.environ,
+        "PIPELINE_BROKER": broker,
+        "PIPELINE_APP_ID": app_id,
+        "PIPELINE_DATA_DIR": str(data_dir),
+        "PIPELINE_PORT": str(port),
+        "PIPELINE_WINDOWS": "1m",
+        "PIPELINE_IDEMPOTENT_PRODUCER": "false",
+        **(extra or {}),
+    }
+
+
+def start_worker(
+    broker: str,
+    workdir: Path,
+    app_id: str,
+    name: str,
+    expect: int,
+    profile: bool = False,
+    extra_env: dict[str, str] | None = None,
+):
+    import subprocess
+    import sys
+
+    from pipeline.broker import free_port
+
+    status = workdir / f"{name}.status.json"
+    status.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "pipeline.bench.topology", "--status", str(status), "--expect", str(expect)]
+    if profile:
+        cmd += ["--profile", str(workdir / f"{name}.profile.txt")]
+    log = open(workdir / f"{name}.log", "ab")
+    proc = subprocess.Popen(
+        cmd,
+        env=worker_env(broker, workdir / f"{name}-state", app_id, free_port(), extra_env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return proc, status
+
+
+def stop_worker(proc) -> None:
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def compare(expected: dict[str, dict[str, Any]], got: dict[str, dict[str, Any]]) -> list[str]:
+    """Differences between the generator's truth and what the pipeline reports (empty = exact)."""
+    problems = []
+    for key, want in expected.items():
+        have = got.get(key)
+        if have is None:
+            problems.append(f"{key}: missing")
+            continue
+        if have["counts"] != want["counts"]:
+            problems.append(f"{key}: counts {have['counts']} != {want['counts']}")
+        if have["duplicates"] != want["duplicates"]:
+            problems.append(f"{key}: duplicates {have['duplicates']} != {want['duplicates']}")
+        if have.get("late", 0):
+            problems.append(f"{key}: {have['late']} late events, expected none")
+        if have["windows"] != want["windows"]:
+            bad = [
+                w
+                for w in set(want["windows"]) | set(have["windows"])
+                if want["windows"].get(w) != have["windows"].get(w)
+            ]
+            problems.append(f"{key}: {len(bad)} windows differ, e.g. {sorted(bad)[:1]}")
+    for key in set(got) - set(expected):
+        problems.append(f"{key}: unexpected campaign")
+    return problems
+
+
+def measure(broker: str, workload, workdir: Path, *, profile: bool = False, timeout: float = 300.0) -> dict:
+    """Preload the events as the ingest would, then time one worker from first batch to last snapshot."""
+    from pipeline.bench.common import produce_batched, progress, read_json, run_async
+
+    progress(f"topology: producing {workload.total} events in ingest-style batched messages")
+    produce_s = run_async(produce_batched(broker, workload.events))
+    progress(f"topology: produced in {produce_s:.1f}s; starting one worker")
+    proc, status = start_worker(broker, workdir, "bench-topology", "topology", workload.total, profile)
+    deadline = time.monotonic() + timeout
+    doc = None
+    last_report = 0.0
+    try:
+        while time.monotonic() < deadline:
+            doc = read_json(status)
+            if doc and doc.get("done"):
+                break
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"topology worker exited with {proc.returncode}; see {workdir}/topology.log"
+                )
+            if doc and time.monotonic() - last_report > 5:
+                last_report = time.monotonic()
+                progress(f"topology: {doc['dedupe_events']}/{workload.total} events deduplicated")
+            time.sleep(0.2)
+        else:
+            raise RuntimeError(
+                f"topology did not finish within {timeout}s "
+                f"(last status {doc and {k: doc[k] for k in ('dedupe_events', 'applied_seq')}})"
+            )
+    finally:
+        stop_worker(proc)
+    elapsed = doc["done"] - doc["first"]
+    problems = compare(workload.expected, doc["campaigns"])
+    return {
+        "events": workload.total,
+        "seconds": elapsed,
+        "events_per_s": workload.total / elapsed,
+        "peak_rss_mib": doc["peak_rss_mib"],
+        "exact": not problems,
+        "problems": problems[:10],
+        "dedupe_batches": doc["dedupe_batches"],
+        "produce_seconds": produce_s,
+        "profile": str(workdir / "topology.profile.txt") if profile else None,
+    }

@@ -1,0 +1,47 @@
+"""``pipeline bench --small --json`` completes and every count it checks is exact (no timing)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(180)
+def test_small_bench_is_exact(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "bench",
+            "--small",
+            "--json",
+            "--workdir",
+            str(tmp_path / "bench"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=170,
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-4000:]
+    result = json.loads(proc.stdout)
+    assert result["errors"] == {}
+    for name in ("ceiling", "baseline", "topology"):
+        assert result[name]["exact"], (name, result[name])
+        assert result[name]["events"] > 0
+    assert result["topology"]["events"] == result["config"]["events"]
+    assert result["topology"]["problems"] == []
+    assert [row["batch"] for row in result["ingest"]] == [1000, 100, 1]
+    assert all(row["failures"] == 0 for row in result["ingest"])
+    assert result["latency"]["lost"] == 0
+    assert result["memory"]["read_found"] == result["memory"]["read_sample"]
+    scale = result["scale"]
+    assert scale["exact"]
+    assert all(worker["events"] > 0 for worker in scale["per_worker"]), scale
+    assert sum(worker["events"] for worker in scale["per_worker"]) == scale["events"]
