@@ -54,9 +54,13 @@ class SubscriberRecord:
     unique: dict[str, Stamp] = field(default_factory=dict)  # count -> stamp that made it unique
     windows: dict[str, dict[str, Stamp]] = field(default_factory=dict)  # "300:start" -> same
     orders: dict[str, Stamp] = field(default_factory=dict)
+    delivered: float | None = None  # event time of the first delivery (bot-click heuristic)
 
     def to_json(self) -> dict[str, Any]:
-        return {"i": self.ids, "u": self.unique, "w": self.windows, "o": self.orders}
+        doc = {"i": self.ids, "u": self.unique, "w": self.windows, "o": self.orders}
+        if self.delivered is not None:
+            doc["d"] = self.delivered
+        return doc
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> SubscriberRecord:
@@ -66,8 +70,10 @@ class SubscriberRecord:
             record.unique = doc.get("u", {})
             record.windows = doc.get("w", {})
             record.orders = doc.get("o", {})
+            record.delivered = doc.get("d")
         else:
             record.ids, record.unique, record.windows, record.orders = {}, {}, {}, {}
+            record.delivered = None
         return record
 
     def prune(self, now: float, retention: float, evicted: dict[str, int]) -> None:
@@ -171,14 +177,27 @@ def apply_event(
     now: float,
     windows: Iterable[int],
     lateness: int,
+    bot_click_seconds: float = 0.0,
 ) -> bool:
     """Apply one validated event; return whether the subscriber record changed.
 
     Idempotent for a given stamp: applying the same (event, stamp) again changes nothing.
     """
     return apply(
-        event, stamp, record, partial, now, windows if type(windows) is tuple else tuple(windows), lateness
+        event,
+        stamp,
+        record,
+        partial,
+        now,
+        windows if type(windows) is tuple else tuple(windows),
+        lateness,
+        bot_click_seconds,
     )
+
+
+# Bit of the stored decision word (ids entry [2]) that marks a click judged to be a link
+# scanner's by the heuristic; the low bits are the per-window lateness mask.
+HEURISTIC_BOT = 1 << 30
 
 
 def apply(
@@ -189,6 +208,7 @@ def apply(
     now: float,
     sizes: tuple[int, ...],
     lateness: int,
+    bot_click_seconds: float = 0.0,
 ) -> bool:
     """:func:`apply_event` with positional arguments and ``windows`` as a tuple (the hot path)."""
     topic, position = stamp
@@ -215,6 +235,19 @@ def apply(
             start = int(timestamp // size) * size
             if start + size + lateness <= seen or (evicted and start <= evicted.get(str(size), -1)):
                 late_mask |= 1 << i
+        # Heuristic: an e-mail click within seconds of its delivery is a link scanner's (a
+        # human needs longer to open and read). Decided once, when the delivery is already
+        # known, and stored with the event like lateness, so a replay decides the same.
+        delivered = record.delivered
+        if (
+            bot_click_seconds
+            and event["type"] == "click"
+            and event["channel"] == "email"
+            and not event.get("bot")
+            and delivered is not None
+            and 0 <= timestamp - delivered <= bot_click_seconds
+        ):
+            late_mask |= HEURISTIC_BOT
         entry = ids[event_id] = [topic, position, late_mask, int(now)]
         changed = True
     if entry[0] != topic or entry[1] != position:
@@ -231,7 +264,11 @@ def apply(
                 partial.duplicates += 1  # the same order again, under a new event id
                 return changed
 
-    late_mask = entry[2]
+    decision = entry[2]
+    late_mask = decision & ~HEURISTIC_BOT
+    if kind == "delivery" and (record.delivered is None or timestamp < record.delivered):
+        record.delivered = timestamp
+        changed = True
     sources = partial.sources
     source = event.get("source") or "canonical"
     sources[source] = sources.get(source, 0) + 1
@@ -259,7 +296,7 @@ def apply(
     extra = None
     if kind == "open" and event.get("machine"):
         extra = "machine_open"
-    elif kind == "click" and event.get("bot"):
+    elif kind == "click" and (event.get("bot") or decision & HEURISTIC_BOT):
         extra = "bot_click"
     if extra is not None:
         totals[extra] = totals.get(extra, 0) + 1
@@ -268,7 +305,7 @@ def apply(
 
     names = _UNIQUE_BY_KIND.get((kind, event["channel"], extra))
     if names is None:
-        names = unique_counts(event)
+        names = unique_counts({**event, "bot": True} if extra == "bot_click" else event)
     if names:
         unique = record.unique
         rwindows = record.windows

@@ -51,6 +51,7 @@ class Settings:
     window_retention: int = 24  # windows of each size kept per campaign; older ones are closed
     dedupe_retention: int = 48 * 3600
     max_future_skew: int = 300
+    bot_click_seconds: float = 2.0  # an e-mail click this soon after its delivery is a scanner's
     email_denominator: str = "delivery"  # or "send" for providers that report no deliveries
     max_campaigns: int = 1000
     max_body_bytes: int = 5 * 1024 * 1024
@@ -97,6 +98,7 @@ class Settings:
             window_retention=int(get("PIPELINE_WINDOW_RETENTION", "24")),
             dedupe_retention=_duration(get("PIPELINE_DEDUPE_RETENTION", "48h")),
             max_future_skew=_duration(get("PIPELINE_MAX_FUTURE_SKEW", "5m")),
+            bot_click_seconds=float(get("PIPELINE_BOT_CLICK_SECONDS", "2")),
             email_denominator=denominator,
             max_campaigns=int(get("PIPELINE_MAX_CAMPAIGNS", "1000")),
             max_body_bytes=int(get("PIPELINE_MAX_BODY_BYTES", str(5 * 1024 * 1024))),

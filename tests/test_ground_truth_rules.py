@@ -101,3 +101,25 @@ def test_redelivery_dropped_up_to_the_48h_horizon():
     record.prune(t0 + 48.1 * 3600, 48 * 3600, partial.evicted)
     assert "x1" not in record.ids  # forgotten after the horizon: state stays bounded
     assert record.unique["click"]  # while uniqueness is kept for the campaign's lifetime
+
+
+def test_click_seconds_after_delivery_is_a_scanner():
+    """The heuristic marks an unflagged e-mail click within 2 s of delivery as a bot's click:
+    totals keep it, human counts exclude it, and a replay decides the same."""
+    record, partial = SubscriberRecord(), Partial()
+    base = {"channel": "email", "campaign_id": "c", "subscriber_id": "s"}
+    delivery = {**base, "event_id": "d", "type": "delivery", "timestamp": 1000.0}
+    scanner = {**base, "event_id": "k1", "type": "click", "timestamp": 1001.5}
+    reader = {**base, "event_id": "k2", "type": "click", "timestamp": 1090.0}
+    kwargs = {"now": 0, "windows": WINDOWS, "lateness": 300, "bot_click_seconds": 2.0}
+    apply_event(delivery, stamp_of(0, 0, 0), record, partial, **kwargs)
+    apply_event(scanner, stamp_of(1, 0, 0), record, partial, **kwargs)
+    assert partial.totals == {"delivery": 1, "click": 1, "bot_click": 1, "unique_click": 1, "unique_open": 1}
+    # replay after a crash: the partial is older, the record already holds the decision
+    replay = Partial()
+    apply_event(delivery, stamp_of(0, 0, 0), record, replay, **kwargs)
+    apply_event(scanner, stamp_of(1, 0, 0), record, replay, **kwargs)
+    assert replay.totals == partial.totals
+    apply_event(reader, stamp_of(1, 1, 0), record, partial, **kwargs)
+    assert partial.totals["click"] == 2 and partial.totals["bot_click"] == 1
+    assert partial.totals["unique_human_open"] == 1  # the reader, not the scanner

@@ -193,10 +193,11 @@ class DedupeStage:
         applied = 0
         windows = tuple(settings.windows)
         lateness = settings.allowed_lateness
+        bot_seconds = settings.bot_click_seconds
         for (event, stamp), rkey, ckey in zip(decoded, rkeys, ckeys, strict=True):
             partial = partials[ckey]
             before = partial.seq
-            if apply(event, stamp, records[rkey], partial, now, windows, lateness):
+            if apply(event, stamp, records[rkey], partial, now, windows, lateness, bot_seconds):
                 changed[rkey] = ckey
             if partial.seq != before:
                 touched.add(ckey)
