@@ -27,6 +27,7 @@ from .common import (
     compose_id,
     dumps,
     env_get,
+    load_items,
     load_json,
     make_event,
     short_hash,
@@ -67,11 +68,7 @@ class BrevoAdapter:
             )
 
     def parse(self, req: WebhookRequest, salt: bytes) -> ParsedWebhook:
-        doc = load_json(req.body)
-        if isinstance(doc, dict):
-            doc = [doc]
-        if not isinstance(doc, list):
-            raise PayloadError("body_not_object")
+        doc = load_items(req.body, "body_not_object")
         out = Collector()
         for item in doc:
             out.add(self._event, item, salt)

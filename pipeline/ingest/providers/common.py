@@ -212,6 +212,16 @@ def load_json(body: bytes | str) -> Any:
         raise PayloadError("body_not_json") from None
 
 
+def load_items(body: bytes, reason: str) -> list[Any]:
+    """A JSON array of provider events, or one event object taken as an array of one."""
+    doc = load_json(body)
+    if isinstance(doc, dict):
+        return [doc]
+    if not isinstance(doc, list):
+        raise PayloadError(reason)
+    return doc
+
+
 def parse_form(body: bytes) -> dict[str, str]:
     """``application/x-www-form-urlencoded`` body to a dict (last value wins, as PHP's $_POST)."""
     text = body.decode("utf-8", "replace")

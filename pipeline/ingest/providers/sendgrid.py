@@ -21,7 +21,6 @@ from .common import (
     Collector,
     ConfigError,
     ParsedWebhook,
-    PayloadError,
     Skip,
     WebhookRequest,
     campaign,
@@ -29,7 +28,7 @@ from .common import (
     env_float,
     env_get,
     header,
-    load_json,
+    load_items,
     make_event,
     missing,
     refused,
@@ -99,11 +98,7 @@ class SendGridAdapter:
             raise refused("stale_timestamp")
 
     def parse(self, req: WebhookRequest, salt: bytes) -> ParsedWebhook:
-        doc = load_json(req.body)
-        if isinstance(doc, dict):
-            doc = [doc]
-        if not isinstance(doc, list):
-            raise PayloadError("body_not_event_array")
+        doc = load_items(req.body, "body_not_event_array")
         out = Collector()
         for item in doc:
             out.add(self._event, item, salt)

@@ -14,7 +14,6 @@ from typing import Any
 from .common import (
     Collector,
     ParsedWebhook,
-    PayloadError,
     Skip,
     WebhookRequest,
     basic_header,
@@ -22,7 +21,7 @@ from .common import (
     check_basic_or_bearer,
     dumps,
     env_get,
-    load_json,
+    load_items,
     make_event,
     obj,
     text,
@@ -67,11 +66,7 @@ class SparkPostAdapter:
             )
 
     def parse(self, req: WebhookRequest, salt: bytes) -> ParsedWebhook:
-        doc = load_json(req.body)
-        if isinstance(doc, dict):
-            doc = [doc]
-        if not isinstance(doc, list):
-            raise PayloadError("body_not_event_array")
+        doc = load_items(req.body, "body_not_event_array")
         out = Collector()
         for item in doc:
             msys = item.get("msys") if isinstance(item, dict) else None
