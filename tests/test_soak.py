@@ -27,6 +27,7 @@ def rss_mib(pid: int) -> float:
 
 
 @pytest.mark.skipif(not SECONDS, reason="opt-in: set PIPELINE_SOAK_SECONDS (600 for the documented run)")
+@pytest.mark.timeout(SECONDS + 400)
 def test_soak_memory_flat(broker, tmp_path, workers):
     worker = WorkerProcess(broker.address, tmp_path, env={"PIPELINE_WINDOWS": "1m,5m"}).start()
     workers.append(worker)
@@ -61,6 +62,7 @@ def test_soak_memory_flat(broker, tmp_path, workers):
         elapsed = time.monotonic() - start
         if not samples or elapsed - samples[-1][0] >= 10:
             samples.append((elapsed, rss_mib(worker.process.pid)))
+            print(f"soak t={elapsed:.0f}s events={n} rss={samples[-1][1]:.1f} MiB", flush=True)
         time.sleep(max(0.0, 0.5 - (time.monotonic() - start - elapsed)))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
