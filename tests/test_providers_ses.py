@@ -353,3 +353,15 @@ def test_round_trip(ses: SesAdapter) -> None:
         (event,) = ses.parse(request, SALT).events
         assert (event["event_id"], event["type"], event["campaign_id"]) == (f"ses:uuid-{i}", type_, "c")
         assert event["timestamp"] == NOW - 9 + i and event["subscriber_id"] == pseudonymise("u@x.test", SALT)
+
+
+def test_non_string_type_is_a_payload_error():
+    """Found by hypothesis: a JSON object as Type must be refused, not crash (unhashable)."""
+    import pytest
+
+    from pipeline.ingest.providers import PayloadError, WebhookRequest
+    from pipeline.ingest.providers.ses import SesAdapter
+
+    req = WebhookRequest(body=b'{"Type":{"":""}}', headers={}, url="http://x/webhooks/ses")
+    with pytest.raises(PayloadError):
+        SesAdapter(cert_fetcher=lambda url: b"").verify(req, {}, 0.0)

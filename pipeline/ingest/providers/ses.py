@@ -134,7 +134,7 @@ class SesAdapter:
     def verify(self, req: WebhookRequest, env: Mapping[str, str], now: float) -> None:
         message = _envelope(req)
         kind = message.get("Type")
-        if kind not in SIGNED_FIELDS:
+        if not isinstance(kind, str) or kind not in SIGNED_FIELDS:
             raise PayloadError("unknown_sns_type")
         signature, cert_url = message.get("Signature"), message.get("SigningCertURL")
         if not isinstance(signature, str) or not signature or not isinstance(cert_url, str) or not cert_url:
