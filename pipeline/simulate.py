@@ -250,10 +250,32 @@ def expected_rates(
     }
 
 
+async def post_until_accepted(
+    session: Any, url: str, body: bytes, headers: dict[str, str], accepted_status: int, timeout: float
+) -> dict[str, Any]:
+    """POST one request, retrying on 503 or a dropped connection (retrying is always safe:
+    the pipeline drops redeliveries by event id); any other refusal is an error."""
+    import aiohttp
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            async with session.post(url, data=body, headers=headers) as resp:
+                if resp.status == accepted_status:
+                    return await resp.json()
+                if resp.status != 503:
+                    raise RuntimeError(f"{url} answered {resp.status}: {await resp.text()}")
+        except aiohttp.ClientError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} kept refusing: gave up")
+        await asyncio.sleep(0.5)
+
+
 async def send(
     url: str, events: list[dict[str, Any]], batch: int = 500, token: str | None = None, timeout: float = 120.0
 ) -> int:
-    """POST in order, retrying a batch on 503 or a dropped connection (retrying is safe)."""
+    """POST canonical events to ``/events`` in order, ``batch`` at a time; return how many were accepted."""
     import aiohttp
 
     headers = {"Content-Type": "application/json"}
@@ -263,20 +285,8 @@ async def send(
     async with aiohttp.ClientSession() as session:
         for i in range(0, len(events), batch):
             body = orjson.dumps(events[i : i + batch])
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    async with session.post(f"{url}/events", data=body, headers=headers) as resp:
-                        if resp.status == 202:
-                            accepted += (await resp.json())["accepted"]
-                            break
-                        if resp.status != 503:
-                            raise RuntimeError(f"ingest answered {resp.status}: {await resp.text()}")
-                except aiohttp.ClientError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("ingest kept refusing: gave up")
-                await asyncio.sleep(0.5)
+            doc = await post_until_accepted(session, f"{url}/events", body, headers, 202, timeout)
+            accepted += doc["accepted"]
     return accepted
 
 
@@ -302,22 +312,8 @@ async def send_native(
                 headers, body = adapter.build_request(native[i : i + size], env, time.time(), url)
             except ValueError:
                 continue  # an event type this provider cannot express (e.g. a conversion)
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    async with session.post(f"{url}/webhooks/{provider}", data=body, headers=headers) as resp:
-                        if resp.status == 200:
-                            requests += 1
-                            break
-                        if resp.status != 503:
-                            raise RuntimeError(
-                                f"/webhooks/{provider} answered {resp.status}: {await resp.text()}"
-                            )
-                except aiohttp.ClientError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("webhook endpoint kept refusing: gave up")
-                await asyncio.sleep(0.5)
+            await post_until_accepted(session, f"{url}/webhooks/{provider}", body, headers, 200, timeout)
+            requests += 1
     return requests
 
 
