@@ -44,10 +44,6 @@ def stamp_of(topic_code: int, offset: int, index: int) -> Stamp:
     return [topic_code, offset * STAMP_SPAN + index]
 
 
-def window_start(timestamp: float, size: int) -> int:
-    return int(timestamp // size) * size
-
-
 @dataclass
 class SubscriberRecord:
     ids: dict[str, list[Any]] = field(default_factory=dict)  # event_id -> [t, s, late mask, seen_at]

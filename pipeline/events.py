@@ -130,12 +130,6 @@ def routing_key(event: dict[str, Any]) -> str:
     return event.get("subscriber_id") or "#" + event["event_id"]
 
 
-def decode_message(value: bytes) -> list[Any]:
-    """A topic message holds one event or an array of events bound for the same partition."""
-    doc = orjson.loads(value)
-    return doc if isinstance(doc, list) else [doc]
-
-
 def iter_valid(
     items: Iterable[Any], now: float, skew: float
 ) -> Iterable[tuple[int, dict | None, str | None]]:
