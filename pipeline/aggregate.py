@@ -60,6 +60,11 @@ class CampaignView:
             return None
         return WindowView(size, start, dict(self.windows.get(size, {}).get(start, {})))
 
+    def complete_windows(self, labels: Mapping[int, str], lateness: int) -> list[tuple[str, WindowView]]:
+        """``(label, window)`` for each window size that has a complete window to show."""
+        shown = ((label, self.complete_window(size, lateness)) for size, label in labels.items())
+        return [(label, window) for label, window in shown if window is not None]
+
     def rates(self, counts: Mapping[str, int], denominator: str, unsupported: frozenset[str]) -> dict:
         return compute_rates(self.channel, counts, denominator, unsupported)
 

@@ -303,6 +303,8 @@ def apply(
     if names is None:
         names = unique_counts({**event, "bot": True} if extra == "bot_click" else event)
     if names:
+        # lifetime and per-window flags follow the same rule; written out twice on purpose:
+        # this runs for every event, and a helper call per flag cost measurable throughput
         unique = record.unique
         rwindows = record.windows
         for name in names:

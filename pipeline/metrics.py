@@ -16,11 +16,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from pipeline.aggregate import CampaignView
+from pipeline.dedupe import TOTAL_EVENTS, UNIQUE_EVENTS
 from pipeline.rates import compute_rates
 from pipeline.settings import Settings
 
-TOTAL_LABELS = ("impression", "click", "send", "delivery", "bounce", "open", "machine_open", "conversion")
-UNIQUE_LABELS = ("click", "open", "human_open", "conversion")
+# the contract's event labels: every total the dedupe stage keeps except its internal bot_click
+TOTAL_LABELS = tuple(name for name in TOTAL_EVENTS if name != "bot_click")
+UNIQUE_LABELS = UNIQUE_EVENTS
 WINDOW_COUNT_LABELS = TOTAL_LABELS + tuple(f"unique_{name}" for name in UNIQUE_LABELS)
 
 
@@ -92,10 +94,7 @@ class FunnelCollector(Collector):
                 uniques.add_metric([ch, camp, name], view.totals.get(f"unique_{name}", 0))
             unsupported = self.unsupported(view)
             windows: list[tuple[str, dict[str, int]]] = [("all", view.totals)]
-            for size, label in settings.window_labels.items():
-                shown = view.complete_window(size, settings.allowed_lateness)
-                if shown is None:
-                    continue
+            for label, shown in view.complete_windows(settings.window_labels, settings.allowed_lateness):
                 windows.append((label, shown.counts))
                 window_end.add_metric([ch, camp, label], shown.end)
                 for name in WINDOW_COUNT_LABELS:

@@ -120,10 +120,7 @@ def campaign_document(
         "all": compute_rates(view.channel, view.totals, settings.email_denominator, unsupported)
     }
     windows: dict[str, Any] = {}
-    for size, label in settings.window_labels.items():
-        shown = view.complete_window(size, settings.allowed_lateness)
-        if shown is None:
-            continue
+    for label, shown in view.complete_windows(settings.window_labels, settings.allowed_lateness):
         window_rates = compute_rates(view.channel, shown.counts, settings.email_denominator, unsupported)
         rates[label] = window_rates
         windows[label] = {

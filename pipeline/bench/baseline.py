@@ -110,7 +110,7 @@ def measure(broker: str, topic: str, sample, workdir: Path, timeout: float = 240
     import subprocess
     import sys
 
-    from pipeline.bench.common import progress, read_json
+    from pipeline.bench.common import wait_until_done
     from pipeline.bench.data import clicker_counts
     from pipeline.bench.topology import stop_worker
 
@@ -135,23 +135,15 @@ def measure(broker: str, topic: str, sample, workdir: Path, timeout: float = 240
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    deadline = time.monotonic() + timeout
-    last = 0.0
     try:
-        while True:
-            doc = read_json(status)
-            if doc and doc.get("done"):
-                break
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"baseline worker exited with {proc.returncode}; see {workdir}/baseline.log"
-                )
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"baseline did not finish within {timeout}s")
-            if doc and time.monotonic() - last > 5:
-                last = time.monotonic()
-                progress(f"baseline: {doc['events']}/{sample.total} events")
-            time.sleep(0.2)
+        doc = wait_until_done(
+            proc,
+            status,
+            "baseline",
+            workdir / "baseline.log",
+            timeout,
+            lambda d: f"{d['events']}/{sample.total} events",
+        )
     finally:
         stop_worker(proc)
     seconds = doc["done"] - doc["first"]

@@ -12,25 +12,47 @@ from typing import Any
 import orjson
 
 
-def peak_rss_mib(pid: int | str = "self") -> float:
-    """Peak resident set size (VmHWM) of a process, in MiB."""
+def _status_mib(pid: int | str, field: str) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return 0.0
+
+
+def peak_rss_mib(pid: int | str = "self") -> float:
+    """Peak resident set size (VmHWM) of a process, in MiB."""
+    return _status_mib(pid, "VmHWM:")
 
 
 def rss_mib(pid: int | str = "self") -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    """Current resident set size (VmRSS) of a process, in MiB."""
+    return _status_mib(pid, "VmRSS:")
+
+
+def wait_until_done(
+    proc: Any, status: Path, name: str, log: Path, timeout: float, describe: Any
+) -> dict[str, Any]:
+    """Poll a measuring subprocess's status file until it says ``done``; report progress.
+
+    Raises if the process exits first or the timeout passes; ``describe(doc)`` is the progress text.
+    """
+    deadline = time.monotonic() + timeout
+    doc = None
+    last_report = 0.0
+    while time.monotonic() < deadline:
+        doc = read_json(status)
+        if doc and doc.get("done"):
+            return doc
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} worker exited with {proc.returncode}; see {log}")
+        if doc and time.monotonic() - last_report > 5:
+            last_report = time.monotonic()
+            progress(f"{name}: {describe(doc)}")
+        time.sleep(0.2)
+    raise RuntimeError(f"{name} did not finish within {timeout}s (last status {doc and describe(doc)})")
 
 
 def progress(message: str) -> None:

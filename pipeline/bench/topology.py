@@ -226,33 +226,21 @@ def compare(expected: dict[str, dict[str, Any]], got: dict[str, dict[str, Any]])
 
 def measure(broker: str, workload, workdir: Path, *, profile: bool = False, timeout: float = 300.0) -> dict:
     """Preload the events as the ingest would, then time one worker from first batch to last snapshot."""
-    from pipeline.bench.common import produce_batched, progress, read_json, run_async
+    from pipeline.bench.common import produce_batched, progress, run_async, wait_until_done
 
     progress(f"topology: producing {workload.total} events in ingest-style batched messages")
     produce_s = run_async(produce_batched(broker, workload.events))
     progress(f"topology: produced in {produce_s:.1f}s; starting one worker")
     proc, status = start_worker(broker, workdir, "bench-topology", "topology", workload.total, profile)
-    deadline = time.monotonic() + timeout
-    doc = None
-    last_report = 0.0
     try:
-        while time.monotonic() < deadline:
-            doc = read_json(status)
-            if doc and doc.get("done"):
-                break
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"topology worker exited with {proc.returncode}; see {workdir}/topology.log"
-                )
-            if doc and time.monotonic() - last_report > 5:
-                last_report = time.monotonic()
-                progress(f"topology: {doc['dedupe_events']}/{workload.total} events deduplicated")
-            time.sleep(0.2)
-        else:
-            raise RuntimeError(
-                f"topology did not finish within {timeout}s "
-                f"(last status {doc and {k: doc[k] for k in ('dedupe_events', 'applied_seq')}})"
-            )
+        doc = wait_until_done(
+            proc,
+            status,
+            "topology",
+            workdir / "topology.log",
+            timeout,
+            lambda d: f"{d['dedupe_events']}/{workload.total} events deduplicated",
+        )
     finally:
         stop_worker(proc)
     elapsed = doc["done"] - doc["first"]
