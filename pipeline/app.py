@@ -149,8 +149,7 @@ def create_pipeline(settings: Settings) -> Pipeline:
     async def dedupe_agent(stream: faust.StreamT) -> None:
         async for events in stream.take_events(settings.batch_max, within=settings.batch_within):
             # messages carry up to 1,000 events each: bound the events held at once
-            for chunk in dedupe.chunks(list(events)):
-                await dedupe.process(chunk)
+            await dedupe.process_batch(list(events))
 
     @app.agent(partials_topic, name="aggregate")
     async def aggregate_agent(stream: faust.StreamT) -> None:

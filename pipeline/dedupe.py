@@ -36,54 +36,93 @@ TOTAL_EVENTS = (
 UNIQUE_EVENTS = ("click", "open", "human_open", "conversion")
 COUNT_NAMES = TOTAL_EVENTS + tuple(f"unique_{name}" for name in UNIQUE_EVENTS)
 
-Stamp = list[int]  # [topic code, offset * STAMP_SPAN + index within the message]
+Stamp = int  # an event's position: offset * STAMP_SPAN + index, topic code, in one int
 STAMP_SPAN = 1 << 16  # a message carries at most this many events
+# stamp = position << 7 | 1 << 6 | topic code: one int (cheap to store, compare and encode),
+# never 0, and ordered like positions within a topic
+TOPIC_BITS = 6
+STAMP_SHIFT = TOPIC_BITS + 1  # the next event of the same message: stamp + (1 << STAMP_SHIFT)
+_STAMP_MARK = 1 << TOPIC_BITS
+_TOPIC_MASK = _STAMP_MARK - 1
 
 
 def stamp_of(topic_code: int, offset: int, index: int) -> Stamp:
-    return [topic_code, offset * STAMP_SPAN + index]
+    return ((offset * STAMP_SPAN + index) << STAMP_SHIFT) | _STAMP_MARK | topic_code
 
 
-@dataclass
+def split_stamp(stamp: Stamp) -> tuple[int, int]:
+    """(topic code, position) of a stamp."""
+    return stamp & _TOPIC_MASK, stamp >> STAMP_SHIFT
+
+
 class SubscriberRecord:
-    ids: dict[str, list[Any]] = field(default_factory=dict)  # event_id -> [t, s, late mask, seen_at]
-    unique: dict[str, Stamp] = field(default_factory=dict)  # count -> stamp that made it unique
-    windows: dict[str, dict[str, Stamp]] = field(default_factory=dict)  # "300:start" -> same
-    orders: dict[str, Stamp] = field(default_factory=dict)
-    delivered: float | None = None  # event time of the first delivery (bot-click heuristic)
+    """What is known of one subscriber in one campaign; stored as a small orjson document.
+
+    ``ids``: event id -> [stamp, decision word, seen at (wall-clock seconds)];
+    ``unique``: count -> stamp of the event that made the subscriber unique;
+    ``windows``: "size:start" -> the same per window; ``orders``: order id -> stamp;
+    ``delivered``: event time of the first delivery (bot-click heuristic).
+    """
+
+    __slots__ = ("delivered", "ids", "orders", "unique", "windows")
+
+    def __init__(self) -> None:
+        self.ids: dict[str, list[int]] = {}
+        self.unique: dict[str, Stamp] = {}
+        self.windows: dict[str, dict[str, Stamp]] = {}
+        self.orders: dict[str, Stamp] = {}
+        self.delivered: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        doc = {"i": self.ids, "u": self.unique, "w": self.windows, "o": self.orders}
+        doc = {"e": self.ids, "u": self.unique, "w": self.windows, "o": self.orders}
         if self.delivered is not None:
             doc["d"] = self.delivered
         return doc
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> SubscriberRecord:
-        record = cls.__new__(cls)  # skips the dataclass __init__: this runs once per record read
+        record = cls()
         if doc:
-            record.ids = doc.get("i", {})
-            record.unique = doc.get("u", {})
-            record.windows = doc.get("w", {})
-            record.orders = doc.get("o", {})
+            if "i" in doc:
+                doc = _upgrade_record(doc)
+            record.ids = doc["e"]
+            record.unique = doc["u"]
+            record.windows = doc["w"]
+            record.orders = doc["o"]
             record.delivered = doc.get("d")
-        else:
-            record.ids, record.unique, record.windows, record.orders = {}, {}, {}, {}
-            record.delivered = None
         return record
 
     def prune(self, now: float, retention: float, evicted: dict[str, int]) -> None:
         """Forget event ids past the redelivery horizon and flags of windows closed for good."""
         horizon = now - retention
+        # ids are kept in the order they were first seen, so the oldest is the first (up to
+        # clock differences between workers, which only keep an id a little longer)
         for entry in self.ids.values():
-            if entry[3] < horizon:
-                self.ids = {k: v for k, v in self.ids.items() if v[3] >= horizon}
-                break
+            if entry[2] < horizon:
+                self.ids = {k: v for k, v in self.ids.items() if v[2] >= horizon}
+            break
         if evicted and self.windows:
             for key in list(self.windows):
                 size, start = _split_window_key(key)
                 if start <= evicted.get(size, -1):
                     del self.windows[key]
+
+
+def _upgrade_record(doc: dict[str, Any]) -> dict[str, Any]:
+    """A record written before stamps were one int ("i" and [topic, position] pairs)."""
+
+    def stamp(pair: list[int]) -> Stamp:
+        return (pair[1] << STAMP_SHIFT) | _STAMP_MARK | pair[0]
+
+    new = {
+        "e": {k: [stamp(v), v[2], v[3]] for k, v in doc.get("i", {}).items()},
+        "u": {k: stamp(v) for k, v in doc.get("u", {}).items()},
+        "w": {w: {k: stamp(v) for k, v in flags.items()} for w, flags in doc.get("w", {}).items()},
+        "o": {k: stamp(v) for k, v in doc.get("o", {}).items()},
+    }
+    if doc.get("d") is not None:
+        new["d"] = doc["d"]
+    return new
 
 
 _SPLIT_KEYS: dict[str, tuple[str, int]] = {}
@@ -151,7 +190,7 @@ def _bump(counts: dict[str, int], name: str) -> None:
     counts[name] = counts.get(name, 0) + 1
 
 
-_TOPIC_KEYS = tuple(str(code) for code in range(64))  # str(topic code), without formatting
+_TOPIC_KEYS = tuple(str(code) for code in range(1 << TOPIC_BITS))  # str(topic code), without formatting
 _WINDOW_KEYS: dict[tuple[int, int], str] = {}  # (size, start) -> "size:start"
 
 
@@ -191,7 +230,7 @@ def apply_event(
     )
 
 
-# Bit of the stored decision word (ids entry [2]) that marks a click judged to be a link
+# Bit of the stored decision word (ids entry [1]) that marks a click judged to be a link
 # scanner's by the heuristic; the low bits are the per-window lateness mask.
 HEURISTIC_BOT = 1 << 30
 
@@ -207,14 +246,15 @@ def apply(
     bot_click_seconds: float = 0.0,
 ) -> bool:
     """:func:`apply_event` with positional arguments and ``windows`` as a tuple (the hot path)."""
-    topic, position = stamp
-    tkey = _TOPIC_KEYS[topic] if 0 <= topic < 64 else str(topic)
+    tkey = _TOPIC_KEYS[stamp & _TOPIC_MASK]
+    position = stamp >> STAMP_SHIFT
     positions = partial.positions
     if positions.get(tkey, -1) >= position:
         return False  # this partial already counted it (replay after a crash)
     positions[tkey] = position
     partial.seq += 1
     timestamp = event["timestamp"]
+    kind = event["type"]
     changed = False
 
     ids = record.ids
@@ -227,30 +267,30 @@ def apply(
         seen = partial.watermarks.get(tkey, 0.0)
         evicted = partial.evicted
         late_mask = 0
-        for i, size in enumerate(sizes):
-            start = int(timestamp // size) * size
-            if start + size + lateness <= seen or (evicted and start <= evicted.get(str(size), -1)):
-                late_mask |= 1 << i
+        if seen > timestamp or evicted:
+            for i, size in enumerate(sizes):
+                start = int(timestamp // size) * size
+                if start + size + lateness <= seen or (evicted and start <= evicted.get(str(size), -1)):
+                    late_mask |= 1 << i
         # Heuristic: an e-mail click within seconds of its delivery is a link scanner's (a
         # human needs longer to open and read). Decided once, when the delivery is already
         # known, and stored with the event like lateness, so a replay decides the same.
         delivered = record.delivered
         if (
-            bot_click_seconds
-            and event["type"] == "click"
+            delivered is not None
+            and bot_click_seconds
+            and kind == "click"
             and event["channel"] == "email"
             and not event.get("bot")
-            and delivered is not None
             and 0 <= timestamp - delivered <= bot_click_seconds
         ):
             late_mask |= HEURISTIC_BOT
-        entry = ids[event_id] = [topic, position, late_mask, int(now)]
+        entry = ids[event_id] = [stamp, late_mask, int(now)]
         changed = True
-    if entry[0] != topic or entry[1] != position:
+    elif entry[0] != stamp:
         partial.duplicates += 1  # a redelivery: first seen at another position
         return changed
 
-    kind = event["type"]
     if kind == "conversion":
         order_id = event.get("order_id")
         if order_id:
@@ -260,8 +300,7 @@ def apply(
                 partial.duplicates += 1  # the same order again, under a new event id
                 return changed
 
-    decision = entry[2]
-    late_mask = decision & ~HEURISTIC_BOT
+    decision = entry[1]
     if kind == "delivery" and (record.delivered is None or timestamp < record.delivered):
         record.delivered = timestamp
         changed = True
@@ -273,6 +312,7 @@ def apply(
         watermarks[tkey] = timestamp
     elif tkey not in watermarks:
         watermarks[tkey] = 0.0
+    late_mask = decision & ~HEURISTIC_BOT
     if late_mask:
         partial.late += 1  # still counted in "all", and visible as late
     pwindows = partial.windows
@@ -285,15 +325,16 @@ def apply(
                 counts = pwindows[key] = {}
             window_counts.append((key, counts))
 
+    if kind == "open":
+        extra = "machine_open" if event.get("machine") else None
+    elif kind == "click":
+        extra = "bot_click" if event.get("bot") or decision & HEURISTIC_BOT else None
+    else:
+        extra = None
     totals = partial.totals
     totals[kind] = totals.get(kind, 0) + 1
     for _, counts in window_counts:
         counts[kind] = counts.get(kind, 0) + 1
-    extra = None
-    if kind == "open" and event.get("machine"):
-        extra = "machine_open"
-    elif kind == "click" and (event.get("bot") or decision & HEURISTIC_BOT):
-        extra = "bot_click"
     if extra is not None:
         totals[extra] = totals.get(extra, 0) + 1
         for _, counts in window_counts:
@@ -301,47 +342,46 @@ def apply(
 
     names = _UNIQUE_BY_KIND.get((kind, event["channel"], extra))
     if names is None:
-        names = unique_counts({**event, "bot": True} if extra == "bot_click" else event)
+        names = _with_counts(unique_counts({**event, "bot": True} if extra == "bot_click" else event))
     if names:
         # lifetime and per-window flags follow the same rule; written out twice on purpose:
         # this runs for every event, and a helper call per flag cost measurable throughput
         unique = record.unique
         rwindows = record.windows
-        for name in names:
+        for name, uname in names:
             first = unique.setdefault(name, stamp)
-            if first is stamp:
-                changed = True
-                uname = _UNIQUE_NAMES[name]
+            if first is stamp or first == stamp:
+                changed = changed or first is stamp
                 totals[uname] = totals.get(uname, 0) + 1
-            elif first == stamp:
-                uname = _UNIQUE_NAMES[name]
-                totals[uname] = totals.get(uname, 0) + 1
-            for key, counts in window_counts:
-                flags = rwindows.get(key)
-                if flags is None:
-                    flags = rwindows[key] = {}
+        for key, counts in window_counts:
+            flags = rwindows.get(key)
+            if flags is None:
+                flags = rwindows[key] = {}
+            for name, uname in names:
                 first = flags.setdefault(name, stamp)
-                if first is stamp:
-                    changed = True
-                    uname = _UNIQUE_NAMES[name]
-                    counts[uname] = counts.get(uname, 0) + 1
-                elif first == stamp:
-                    uname = _UNIQUE_NAMES[name]
+                if first is stamp or first == stamp:
+                    changed = changed or first is stamp
                     counts[uname] = counts.get(uname, 0) + 1
     return changed
 
 
-_UNIQUE_NAMES = {name: f"unique_{name}" for name in UNIQUE_EVENTS}
-# unique_counts() by (type, channel, extra count): what the common events resolve to
-_UNIQUE_BY_KIND: dict[tuple[str, str, str | None], tuple[str, ...]] = {
-    ("click", "email", None): ("click", "open", "human_open"),
-    ("click", "email", "bot_click"): ("click", "open"),
-    ("click", "ads", None): ("click",),
-    ("click", "ads", "bot_click"): ("click",),
-    ("open", "email", None): ("open", "human_open"),
-    ("open", "email", "machine_open"): ("open",),
-    ("conversion", "email", None): ("conversion",),
-    ("conversion", "ads", None): ("conversion",),
+def _with_counts(names: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    return tuple((name, f"unique_{name}") for name in names)
+
+
+# unique_counts() by (type, channel, extra count), with the counts they bump: the common events
+_UNIQUE_BY_KIND: dict[tuple[str, str, str | None], tuple[tuple[str, str], ...]] = {
+    key: _with_counts(names)
+    for key, names in {
+        ("click", "email", None): ("click", "open", "human_open"),
+        ("click", "email", "bot_click"): ("click", "open"),
+        ("click", "ads", None): ("click",),
+        ("click", "ads", "bot_click"): ("click",),
+        ("open", "email", None): ("open", "human_open"),
+        ("open", "email", "machine_open"): ("open",),
+        ("conversion", "email", None): ("conversion",),
+        ("conversion", "ads", None): ("conversion",),
+    }.items()
 }
 
 

@@ -123,3 +123,35 @@ def test_click_seconds_after_delivery_is_a_scanner():
     apply_event(reader, stamp_of(1, 1, 0), record, partial, **kwargs)
     assert partial.totals["click"] == 2 and partial.totals["bot_click"] == 1
     assert partial.totals["unique_human_open"] == 1  # the reader, not the scanner
+
+
+def test_records_written_before_int_stamps_keep_their_decisions():
+    """A record stored by the earlier format ([topic, position] pairs under "i") is upgraded on
+    read: a replay of its event recomputes the same contribution, a redelivery is a duplicate."""
+    from pipeline.dedupe import STAMP_SPAN
+
+    old = {
+        "i": {"e1": [3, 5 * STAMP_SPAN + 2, 0, 1_700_000_000]},
+        "u": {"click": [3, 5 * STAMP_SPAN + 2], "open": [3, 5 * STAMP_SPAN + 2]},
+        "w": {"300:1699999800": {"click": [3, 5 * STAMP_SPAN + 2]}},
+        "o": {},
+    }
+    record = SubscriberRecord.from_json(old)
+    assert record.ids["e1"][0] == stamp_of(3, 5, 2)
+    click = {
+        "event_id": "e1",
+        "type": "click",
+        "channel": "ads",
+        "campaign_id": "c",
+        "subscriber_id": "s",
+        "timestamp": 1_700_000_000.0,
+    }
+    replay = Partial()
+    kwargs = {"now": 1_700_000_000, "windows": (300,), "lateness": 300}
+    assert not apply_event(click, stamp_of(3, 5, 2), record, replay, **kwargs)  # nothing new to store
+    assert replay.totals == {"click": 1, "unique_click": 1}
+    assert replay.windows["300:1699999800"] == {"click": 1, "unique_click": 1}
+    redelivery = Partial()
+    apply_event(click, stamp_of(3, 9, 0), record, redelivery, **kwargs)
+    assert redelivery.totals == {} and redelivery.duplicates == 1
+    assert "i" not in SubscriberRecord.to_json(record) and record.to_json()["e"]["e1"][0] == stamp_of(3, 5, 2)

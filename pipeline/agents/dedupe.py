@@ -1,13 +1,14 @@
 """Stage 1, keyed by subscriber: drop redeliveries, decide uniqueness, count per partition.
 
-For every batch (all messages a fetch delivered, up to ``batch_max``), per partition: decode
-every message once, read every subscriber record and partial the batch touches in one
-multi-get, apply the events in order (:mod:`pipeline.dedupe`), then write each changed record
-once, then each changed partial once, then send every changed partial's snapshot to the
-aggregator keyed by campaign and wait for the broker's acknowledgements. Records' changelog
-is acknowledged before partials are written, partials before snapshots go out. Offsets are
-committed only after the batch, so a crash at any point leaves either nothing or something a
-replay recomputes identically.
+A batch (all messages a fetch delivered, up to ``batch_max``) is cut into chunks of about
+:data:`CHUNK_BYTES`. For every chunk, per partition: decode every message once, read every
+subscriber record and partial the chunk touches in one multi-get, apply the events in order
+(:mod:`pipeline.dedupe`), then write each changed record once. The rest of a chunk runs while
+the next chunk is applied: once the records' changelog is acknowledged, each changed partial
+is written once, then every changed partial's snapshot goes to the aggregator keyed by
+campaign, and is acknowledged. Until a partial is stored, later chunks read it from memory.
+Offsets are committed only after the whole batch, so a crash at any point leaves either
+nothing or something a replay recomputes identically.
 
 Messages the ingest produced carry the :data:`~pipeline.topics.VALIDATED_HEADER`: their events
 were validated and normalised there, so they are not validated again. Every other message (a
@@ -26,21 +27,12 @@ import faust
 import orjson
 
 from pipeline.agents.context import BulkTable, group_by_partition
-from pipeline.dedupe import STAMP_SPAN, Partial, SubscriberRecord, apply
+from pipeline.dedupe import STAMP_SHIFT, STAMP_SPAN, Partial, SubscriberRecord, apply, stamp_of
 from pipeline.events import EventError, validate_event
 from pipeline.settings import Settings
 from pipeline.topics import TOPIC_CODES, is_validated
 
 log = logging.getLogger(__name__)
-
-
-def record_key(event: dict[str, Any]) -> bytes:
-    sub = event.get("subscriber_id") or "#" + event["event_id"]
-    return f"{event['channel']}|{event['campaign_id']}|{sub}".encode()
-
-
-def campaign_key(event: dict[str, Any]) -> str:
-    return f"{event['channel']}|{event['campaign_id']}"
 
 
 CHUNK_BYTES = 4 * 1024 * 1024  # about 25,000 events of 170 bytes: bounds memory, amortises acks
@@ -64,6 +56,8 @@ class DedupeStage:
         self.dead_letters = dead_letters  # async callable(list of (item, reason, where))
         self._records = BulkTable(subscribers)
         self._partials = BulkTable(partials)
+        # partials of chunks applied but not yet stored: partial key -> (Partial, encoded)
+        self._inflight: dict[bytes, tuple[Partial, bytes]] = {}
 
     def chunks(self, events: list[faust.types.EventT]) -> list[list[faust.types.EventT]]:
         """Split a batch of messages into pieces of about ``CHUNK_BYTES`` of events, in order."""
@@ -80,7 +74,38 @@ class DedupeStage:
             out.append(current)
         return out
 
+    async def process_batch(self, events: list[faust.types.EventT]) -> int:
+        """Every chunk of a batch; a chunk's work overlaps the previous chunk's wait for acks.
+
+        Returns once every chunk is acknowledged end to end (the caller then lets Faust commit
+        the batch's offsets). Events applied are returned.
+        """
+        applied = 0
+        tail: asyncio.Task | None = None
+        try:
+            for chunk in self.chunks(events):
+                count, tail = await self._begin(chunk, tail)
+                applied += count
+        finally:
+            if tail is not None:
+                await tail
+        return applied
+
     async def process(self, events: list[faust.types.EventT]) -> int:
+        """One chunk, start to finish."""
+        applied, tail = await self._begin(events, None)
+        await tail
+        return applied
+
+    async def _begin(
+        self, events: list[faust.types.EventT], previous: asyncio.Task | None
+    ) -> tuple[int, asyncio.Task]:
+        """Apply a chunk and write its records; return the task that makes the rest durable.
+
+        The records are written locally and their changelog is on its way when this returns;
+        the chunk's partials wait in memory (:attr:`_inflight`, where the next chunk reads
+        them) until the task has seen the records acknowledged and ``previous`` finished.
+        """
         rejected: list[tuple[Any, str, dict[str, Any]]] = []
         applied = 0
         results = []
@@ -97,34 +122,56 @@ class DedupeStage:
         finally:
             if collecting:
                 gc.enable()
-        # records first (and acknowledged), then partials: a partial never counts what its
+        acks: list[asyncio.Future] = []
+        stored: list[tuple[int, faust.types.EventT, dict[bytes, tuple[Partial, bytes]]]] = []
+        for partition, group, (records, partials), _ in results:
+            acks += await self._records.put_many(partition, records, group[0])
+            self._inflight.update(partials)
+            stored.append((partition, group[0], partials))
+        # only the partials outlive this call: the chunk's decoded events and records are
+        # freed now, while they are warm, not after the acknowledgements
+        del results
+        return applied, asyncio.ensure_future(self._finish(previous, acks, stored, rejected))
+
+    async def _finish(
+        self,
+        previous: asyncio.Task | None,
+        record_acks: list[asyncio.Future],
+        stored: list[tuple[int, faust.types.EventT, dict[bytes, tuple[Partial, bytes]]]],
+        rejected: list,
+    ) -> None:
+        if previous is not None:
+            await previous  # partials and snapshots go out in chunk order
+        # records acknowledged before partials are written: a partial never counts what its
         # records lack, not even in a changelog replayed onto an empty store
-        pending: list[asyncio.Future] = []
-        for partition, group, (records, _), _ in results:
-            pending += await self._records.put_many(partition, records, group[0])
-        for fut in pending:
+        for fut in record_acks:
             await fut
-        pending = []
-        for partition, group, (_, partials), _ in results:
-            pending += await self._partials.put_many(partition, partials, group[0])
+        pending: list[asyncio.Future] = []
+        for partition, first, partials in stored:
+            pending += await self._partials.put_many(
+                partition, {pkey: raw for pkey, (_, raw) in partials.items()}, first
+            )
+            for pkey, entry in partials.items():
+                if self._inflight.get(pkey) is entry:
+                    del self._inflight[pkey]  # stored now; a later chunk's newer one stays
         for fut in pending:
             await fut
         snapshots = []
-        for partition, _group, (_, partials), _ in results:
-            for pkey, raw in partials.items():
+        for partition, _first, partials in stored:
+            for pkey, (_, raw) in partials.items():
                 snapshots.append(await self.send_raw_snapshot(partition, pkey.split(b"|", 1)[1], raw))
         if rejected:
             await self.dead_letters(rejected)
         for fut in snapshots:
             await fut  # the aggregator's input is acknowledged before our offsets move
-        return applied
 
     def _decode(
         self, group: list[faust.types.EventT], partition: int, rejected: list, now: float
-    ) -> list[tuple[dict[str, Any], list[int]]]:
-        """Every valid event of the group with its stamp, in order."""
+    ) -> list[tuple[dict[str, Any], int, str, bytes]]:
+        """Every valid event of the group, in order, with its stamp, campaign and record keys."""
         skew = self.settings.max_future_skew
-        out: list[tuple[dict[str, Any], list[int]]] = []
+        out: list[tuple[dict[str, Any], int, str, bytes]] = []
+        append = out.append
         for message_event in group:
             message = message_event.message
             code = TOPIC_CODES.get(message.topic)
@@ -138,63 +185,64 @@ class DedupeStage:
             if code is None or len(items) > STAMP_SPAN:
                 rejected.append((items, "message_too_large", _where(message, partition)))
                 continue
-            base = message.offset * STAMP_SPAN
-            if is_validated(message.headers) and isinstance(doc, list):
-                for index, item in enumerate(items):
-                    if type(item) is dict and type(item.get("timestamp")) is float:
-                        out.append((item, [code, base + index]))
-                    else:  # not what the ingest writes: validate it like any other
-                        self._validate_into(
-                            out, item, code, base, index, message, partition, now, skew, rejected
-                        )
-                continue
+            first = stamp_of(code, message.offset, 0)
+            trusted = is_validated(message.headers) and isinstance(doc, list)
             for index, item in enumerate(items):
-                self._validate_into(out, item, code, base, index, message, partition, now, skew, rejected)
+                if not (trusted and type(item) is dict and type(item.get("timestamp")) is float):
+                    # a direct producer's event (or not what the ingest writes): validate it
+                    item = self._validated(item, index, message, partition, now, skew, rejected)
+                    if item is None:
+                        continue
+                ckey = item["channel"] + "|" + item["campaign_id"]
+                sub = item.get("subscriber_id") or "#" + item["event_id"]
+                append((item, first + (index << STAMP_SHIFT), ckey, (ckey + "|" + sub).encode()))
         return out
 
     @staticmethod
-    def _validate_into(out, item, code, base, index, message, partition, now, skew, rejected) -> None:
+    def _validated(item, index, message, partition, now, skew, rejected) -> dict[str, Any] | None:
         # "future" is judged against the message's own time, so a replay decides the same
         produced_at = message.timestamp or now
         try:
-            event = validate_event(item, produced_at, skew)
+            return validate_event(item, produced_at, skew)
         except EventError as exc:
             rejected.append((item, exc.reason, {**_where(message, partition), "index": index}))
-            return
-        out.append((event, [code, base + index]))
+            return None
 
     def _apply_partition(
         self, partition: int, group: list[faust.types.EventT], rejected: list, now: float
-    ) -> tuple[int, list, tuple[dict[bytes, bytes], dict[bytes, bytes]], int]:
+    ) -> tuple[int, list, tuple[dict[bytes, bytes], dict[bytes, tuple[Partial, bytes]]], int]:
         settings = self.settings
         decoded = self._decode(group, partition, rejected, now)
         # one multi-get for every record and partial the batch touches
-        rkeys: list[bytes] = []
-        ckeys: list[str] = []
-        for event, _ in decoded:
-            ckey = event["channel"] + "|" + event["campaign_id"]
-            ckeys.append(ckey)
-            rkeys.append((ckey + "|" + (event.get("subscriber_id") or "#" + event["event_id"])).encode())
-        unique_rkeys = list(dict.fromkeys(rkeys))
-        unique_ckeys = list(dict.fromkeys(ckeys))
+        unique_rkeys = list(dict.fromkeys([d[3] for d in decoded]))
+        unique_ckeys = list(dict.fromkeys([d[2] for d in decoded]))
         raw_records = self._records.get_many(partition, unique_rkeys, group[0])
         from_json = SubscriberRecord.from_json
+        new_record = SubscriberRecord
         records = {
-            k: from_json(_loads(raw) if raw else {}) for k, raw in zip(unique_rkeys, raw_records, strict=True)
+            k: from_json(_loads(raw)) if raw else new_record()
+            for k, raw in zip(unique_rkeys, raw_records, strict=True)
         }
-        pkeys = [f"{partition}|{c}".encode() for c in unique_ckeys]
-        raw_partials = self._partials.get_many(partition, pkeys, group[0])
-        partials = {
-            c: Partial.from_json(_loads(raw)) if raw else Partial()
-            for c, raw in zip(unique_ckeys, raw_partials, strict=True)
-        }
+        partials: dict[str, Partial] = {}
+        stored: list[tuple[str, bytes]] = []
+        inflight = self._inflight
+        for ckey in unique_ckeys:
+            pkey = f"{partition}|{ckey}".encode()
+            entry = inflight.get(pkey)
+            if entry is None:
+                stored.append((ckey, pkey))
+            else:
+                partials[ckey] = entry[0]  # a previous chunk's, not stored yet
+        raw_partials = self._partials.get_many(partition, [pkey for _, pkey in stored], group[0])
+        for (ckey, _), raw in zip(stored, raw_partials, strict=True):
+            partials[ckey] = Partial.from_json(_loads(raw)) if raw else Partial()
         changed: dict[bytes, str] = {}
         touched: set[str] = set()
         applied = 0
         windows = tuple(settings.windows)
         lateness = settings.allowed_lateness
         bot_seconds = settings.bot_click_seconds
-        for (event, stamp), rkey, ckey in zip(decoded, rkeys, ckeys, strict=True):
+        for event, stamp, ckey, rkey in decoded:
             partial = partials[ckey]
             before = partial.seq
             if apply(event, stamp, records[rkey], partial, now, windows, lateness, bot_seconds):
@@ -208,11 +256,11 @@ class DedupeStage:
             record = records[rkey]
             record.prune(now, retention, partials[ckey].evicted)
             out_records[rkey] = _dumps(record.to_json())
-        out_partials: dict[bytes, bytes] = {}
+        out_partials: dict[bytes, tuple[Partial, bytes]] = {}
         for ckey in touched:
             partial = partials[ckey]
             partial.prune(settings.window_retention)
-            out_partials[f"{partition}|{ckey}".encode()] = _dumps(partial.to_json())
+            out_partials[f"{partition}|{ckey}".encode()] = (partial, _dumps(partial.to_json()))
         return partition, group, (out_records, out_partials), applied
 
     async def send_raw_snapshot(self, partition: int, ckey: bytes, snapshot: bytes) -> asyncio.Future:

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         "assigned": [],
     }
     seqs: dict[tuple[bytes, int], int] = {}
-    dedupe_process = pipeline.dedupe.process
+    dedupe_process = pipeline.dedupe.process_batch
     aggregate_process = pipeline.aggregate.process
     profiler = None
 
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal profiler
         if state["first"] is None:
             state["first"] = time.time()
+            state["cpu0"] = list(os.times())[:2]
             if args.profile:
                 from pyinstrument import Profiler
 
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         state["aggregate_snapshots"] += len(events)
         if args.expect and state["done"] is None and state["applied_seq"] >= args.expect:
             state["done"] = time.time()
+            state["cpu"] = list(os.times())[:2]
             if profiler is not None:
                 profiler.stop()
                 Path(args.profile).write_text(
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             pass
         write_json(status_path, state)
 
-    pipeline.dedupe.process = dedupe_wrapped  # type: ignore[method-assign]
+    pipeline.dedupe.process_batch = dedupe_wrapped  # type: ignore[method-assign]
     pipeline.aggregate.process = aggregate_wrapped  # type: ignore[method-assign]
 
     @pipeline.app.timer(interval=0.5)
