@@ -119,6 +119,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "small": args.small,
             "events": args.events,
             "baseline_events": args.baseline_events,
+            "topology_runs": args.topology_runs,
             "campaigns": args.campaigns,
             "population": args.population,
             "subscribers": args.subscribers,
@@ -167,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="the results as JSON on stdout")
     bench.add_argument("--events", type=int, default=None, help="events for ceiling and topology (200,000)")
     bench.add_argument("--baseline-events", type=int, default=None, help="events for natural Faust (5,000)")
+    bench.add_argument(
+        "--topology-runs", type=int, default=None, help="real-topology runs, the median reported (3)"
+    )
     bench.add_argument("--campaigns", type=int, default=None, help="campaigns, Zipf-distributed (100)")
     bench.add_argument("--population", type=int, default=None, help="subscribers in the events (20,000)")
     bench.add_argument("--subscribers", type=int, default=None, help="dedupe state to measure (10,000,000)")

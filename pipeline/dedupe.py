@@ -81,15 +81,16 @@ class SubscriberRecord:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> SubscriberRecord:
-        record = cls()
-        if doc:
-            if "i" in doc:
-                doc = _upgrade_record(doc)
-            record.ids = doc["e"]
-            record.unique = doc["u"]
-            record.windows = doc["w"]
-            record.orders = doc["o"]
-            record.delivered = doc.get("d")
+        if not doc:
+            return cls()
+        if "i" in doc:
+            doc = _upgrade_record(doc)
+        record = cls.__new__(cls)  # no empty dicts made only to be replaced: once per record read
+        record.ids = doc["e"]
+        record.unique = doc["u"]
+        record.windows = doc["w"]
+        record.orders = doc["o"]
+        record.delivered = doc.get("d")
         return record
 
     def prune(self, now: float, retention: float, evicted: dict[str, int]) -> None:
@@ -175,6 +176,8 @@ class Partial:
 
     def prune(self, retention: int) -> None:
         """Keep the newest ``retention`` windows of each size; older ones are closed for good."""
+        if len(self.windows) <= retention:
+            return  # no size can have more than that
         by_size: dict[int, list[int]] = {}
         for key in self.windows:
             size, start = (int(part) for part in key.split(":"))

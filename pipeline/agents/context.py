@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from typing import Any
 
@@ -43,10 +44,17 @@ def group_by_partition(events: list[EventT]) -> dict[int, list[EventT]]:
 
 
 class BulkTable:
-    """Many keys of one table partition per call; bytes keys and values."""
+    """Many keys of one table partition per call; bytes keys and values.
 
-    def __init__(self, table: Any) -> None:
+    With an ``io`` executor (a single thread, so operations run in the order submitted),
+    :meth:`read_later` and :meth:`write_later` run RocksDB's multi-get and batch write there:
+    rocksdict releases the GIL inside RocksDB, so the event loop's thread goes on with Python
+    work meanwhile.
+    """
+
+    def __init__(self, table: Any, io: Executor | None = None) -> None:
         self.table = table
+        self.io = io
 
     def _rocks(self) -> Any | None:
         store = self.table.data
@@ -62,6 +70,38 @@ class BulkTable:
             return store._db_for_partition(partition).get(list(keys))
         with on_partition_of(event):
             return [self.table.get(key) for key in keys]
+
+    def read_later(self, partition: int, keys: Sequence[bytes], event: EventT) -> asyncio.Future:
+        """:meth:`get_many` on the I/O thread, after every operation submitted before it."""
+        store = self._rocks()
+        loop = asyncio.get_running_loop()
+        if store is None or self.io is None or not keys:
+            done = loop.create_future()
+            done.set_result(self.get_many(partition, keys, event))
+            return done
+        return loop.run_in_executor(self.io, store._db_for_partition(partition).get, list(keys))
+
+    async def write_later(
+        self, partition: int, items: dict[bytes, bytes], event: EventT
+    ) -> list[asyncio.Future]:
+        """:meth:`put_many` with the local write on the I/O thread.
+
+        Reads submitted later see the write. The returned futures (the local write's and the
+        changelog's) resolve when it is stored and acknowledged; the changelog offset is
+        recorded as persisted only once the local write is done, so a recovery never skips
+        entries the local store lacks.
+        """
+        store = self._rocks()
+        if store is None or self.io is None or not items:
+            return await self.put_many(partition, items, event)
+        from rocksdict import WriteBatch
+
+        batch = WriteBatch(raw_mode=True)
+        for key, value in items.items():
+            batch.put(key, value)
+        loop = asyncio.get_running_loop()
+        local = loop.run_in_executor(self.io, store._db_for_partition(partition).write, batch)
+        return [local, *await self._send_changelog(store, partition, items, local)]
 
     async def put_many(
         self, partition: int, items: dict[bytes, bytes], event: EventT
@@ -83,7 +123,9 @@ class BulkTable:
         store._db_for_partition(partition).write(batch)
         return await self._send_changelog(store, partition, items)
 
-    async def _send_changelog(self, store: Any, partition: int, items: dict[bytes, bytes]) -> list:
+    async def _send_changelog(
+        self, store: Any, partition: int, items: dict[bytes, bytes], local: asyncio.Future | None = None
+    ) -> list:
         app = self.table.app
         producer = app.producer._ensure_producer()  # the app's own aiokafka producer
         topic = self.table.changelog_topic.get_topic_name()
@@ -95,9 +137,19 @@ class BulkTable:
             future = sent if isinstance(sent, asyncio.Future) else sent.future
 
             def persisted(fut: asyncio.Future) -> None:
-                if not fut.cancelled() and fut.exception() is None:
-                    # the batch's first offset: recovery may re-apply the rest, which is harmless
-                    store.set_persisted_offset(tp, fut.result().offset)
+                if fut.cancelled() or fut.exception() is not None:
+                    return
+                # the batch's first offset: recovery may re-apply the rest, which is harmless
+                offset = fut.result().offset
+
+                def stored(write: asyncio.Future | None) -> None:
+                    if write is None or (not write.cancelled() and write.exception() is None):
+                        store.set_persisted_offset(tp, offset)
+
+                if local is None or local.done():
+                    stored(local)
+                else:
+                    local.add_done_callback(stored)
 
             future.add_done_callback(persisted)
             futures.append(future)

@@ -21,6 +21,7 @@ import asyncio
 import gc
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faust
@@ -35,7 +36,9 @@ from pipeline.topics import TOPIC_CODES, is_validated
 log = logging.getLogger(__name__)
 
 
-CHUNK_BYTES = 4 * 1024 * 1024  # about 25,000 events of 170 bytes: bounds memory, amortises acks
+# about 90,000 events of 180 bytes: bounds the memory a batch holds (about 150 MiB) while
+# spreading each chunk's fixed work (partials, snapshots, acknowledgements) over many events
+CHUNK_BYTES = 16 * 1024 * 1024
 _loads = orjson.loads
 _dumps = orjson.dumps
 
@@ -54,7 +57,9 @@ class DedupeStage:
         self.partials = partials
         self.partials_topic = partials_topic
         self.dead_letters = dead_letters  # async callable(list of (item, reason, where))
-        self._records = BulkTable(subscribers)
+        # one thread, so RocksDB reads and writes of the records run in the order submitted
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="records-io")
+        self._records = BulkTable(subscribers, io=self._io)
         self._partials = BulkTable(partials)
         # partials of chunks applied but not yet stored: partial key -> (Partial, encoded)
         self._inflight: dict[bytes, tuple[Partial, bytes]] = {}
@@ -91,12 +96,6 @@ class DedupeStage:
                 await tail
         return applied
 
-    async def process(self, events: list[faust.types.EventT]) -> int:
-        """One chunk, start to finish."""
-        applied, tail = await self._begin(events, None)
-        await tail
-        return applied
-
     async def _begin(
         self, events: list[faust.types.EventT], previous: asyncio.Task | None
     ) -> tuple[int, asyncio.Task]:
@@ -108,29 +107,38 @@ class DedupeStage:
         """
         rejected: list[tuple[Any, str, dict[str, Any]]] = []
         applied = 0
-        results = []
         now = time.time()
+        acks: list[asyncio.Future] = []
+        stored: list[tuple[int, faust.types.EventT, dict[bytes, tuple[Partial, bytes]]]] = []
         # the work on a batch creates many small containers and no reference cycles: the
         # cyclic collector would walk every live record again and again for nothing
         collecting = gc.isenabled()
         gc.disable()
         try:
+            # decode every partition's messages while the records they touch are read on the
+            # I/O thread, then apply each partition while the previous one is being written
+            reads = []
             for partition, group in group_by_partition(events).items():
-                result = self._apply_partition(partition, group, rejected, now)
-                applied += result[3]
-                results.append(result)
+                decoded = self._decode(group, partition, rejected, now)
+                rkeys = list(dict.fromkeys([d[3] for d in decoded]))
+                reads.append(
+                    (partition, group, decoded, rkeys, self._records.read_later(partition, rkeys, group[0]))
+                )
+            reads.reverse()
+            while reads:
+                partition, group, decoded, rkeys, reading = reads.pop()
+                raw_records = await reading
+                records, partials, count = self._apply_partition(
+                    partition, group, decoded, rkeys, raw_records, now
+                )
+                del decoded, raw_records  # freed while warm, not after the acknowledgements
+                applied += count
+                acks += await self._records.write_later(partition, records, group[0])
+                self._inflight.update(partials)
+                stored.append((partition, group[0], partials))
         finally:
             if collecting:
                 gc.enable()
-        acks: list[asyncio.Future] = []
-        stored: list[tuple[int, faust.types.EventT, dict[bytes, tuple[Partial, bytes]]]] = []
-        for partition, group, (records, partials), _ in results:
-            acks += await self._records.put_many(partition, records, group[0])
-            self._inflight.update(partials)
-            stored.append((partition, group[0], partials))
-        # only the partials outlive this call: the chunk's decoded events and records are
-        # freed now, while they are warm, not after the acknowledgements
-        del results
         return applied, asyncio.ensure_future(self._finish(previous, acks, stored, rejected))
 
     async def _finish(
@@ -209,20 +217,23 @@ class DedupeStage:
             return None
 
     def _apply_partition(
-        self, partition: int, group: list[faust.types.EventT], rejected: list, now: float
-    ) -> tuple[int, list, tuple[dict[bytes, bytes], dict[bytes, tuple[Partial, bytes]]], int]:
+        self,
+        partition: int,
+        group: list[faust.types.EventT],
+        decoded: list[tuple[dict[str, Any], int, str, bytes]],
+        unique_rkeys: list[bytes],
+        raw_records: list[bytes | None],
+        now: float,
+    ) -> tuple[dict[bytes, bytes], dict[bytes, tuple[Partial, bytes]], int]:
+        """Apply one partition's events; return its changed records and partials, encoded."""
         settings = self.settings
-        decoded = self._decode(group, partition, rejected, now)
-        # one multi-get for every record and partial the batch touches
-        unique_rkeys = list(dict.fromkeys([d[3] for d in decoded]))
-        unique_ckeys = list(dict.fromkeys([d[2] for d in decoded]))
-        raw_records = self._records.get_many(partition, unique_rkeys, group[0])
         from_json = SubscriberRecord.from_json
         new_record = SubscriberRecord
         records = {
             k: from_json(_loads(raw)) if raw else new_record()
             for k, raw in zip(unique_rkeys, raw_records, strict=True)
         }
+        unique_ckeys = list(dict.fromkeys([d[2] for d in decoded]))
         partials: dict[str, Partial] = {}
         stored: list[tuple[str, bytes]] = []
         inflight = self._inflight
@@ -261,7 +272,7 @@ class DedupeStage:
             partial = partials[ckey]
             partial.prune(settings.window_retention)
             out_partials[f"{partition}|{ckey}".encode()] = (partial, _dumps(partial.to_json()))
-        return partition, group, (out_records, out_partials), applied
+        return out_records, out_partials, applied
 
     async def send_raw_snapshot(self, partition: int, ckey: bytes, snapshot: bytes) -> asyncio.Future:
         value = b'{"p":%d,"s":%s}' % (partition, snapshot)

@@ -23,21 +23,46 @@ from typing import Any
 import orjson
 
 from pipeline.bench.common import peak_rss_mib, rss_mib, write_json
+from pipeline.dedupe import Partial, SubscriberRecord, apply, stamp_of
 
 BATCH = 25_000
 PARTITIONS = 4
 
 
 def record(n: int, now: int) -> tuple[bytes, bytes]:
-    stamp = [1, n * 65536]
-    window = f"60:{now - now % 60}"
+    """Subscriber ``n``'s record after one click, in the shape the stage's own rules give it."""
+    shape = _shape(now)
+    event_id = f"sendgrid:ev{n:012d}"
+    stamp = stamp_of(1, n, 0)
     doc = {
-        "i": {f"sendgrid:ev{n:012d}": [1, n * 65536, 0, now]},
-        "u": {"click": stamp, "open": stamp, "human_open": stamp},
-        "w": {window: {"click": stamp, "open": stamp, "human_open": stamp}},
+        "e": {event_id: [stamp, *shape["e"]["first"][1:]]},
+        "u": dict.fromkeys(shape["u"], stamp),
+        "w": {window: dict.fromkeys(flags, stamp) for window, flags in shape["w"].items()},
         "o": {},
     }
     return f"email|camp-{n % 100:03d}|h:{n:032x}".encode(), orjson.dumps(doc)
+
+
+_SHAPES: dict[int, dict[str, Any]] = {}
+
+
+def _shape(now: int) -> dict[str, Any]:
+    """A record after one e-mail click, made by :func:`pipeline.dedupe.apply` itself."""
+    shape = _SHAPES.get(now)
+    if shape is None:
+        event = {
+            "event_id": "first",
+            "type": "click",
+            "channel": "email",
+            "campaign_id": "camp",
+            "subscriber_id": "h:0",
+            "timestamp": float(now),
+            "source": "sendgrid",
+        }
+        subscriber = SubscriberRecord()
+        apply(event, stamp_of(1, 0, 0), subscriber, Partial(), now, (60,), 300)
+        shape = _SHAPES[now] = subscriber.to_json()
+    return shape
 
 
 def run(subscribers: int, directory: Path) -> dict[str, Any]:

@@ -94,6 +94,9 @@ def render(result: dict[str, Any]) -> str:
                 f"{label:<44} {row['events']:>9,} {row['seconds']:>8.2f} {row['events_per_s']:>10,.0f} "
                 f"{row['peak_rss_mib']:>13,.0f} {('yes' if row['exact'] else 'NO'):>6}"
             )
+            if len(row.get("runs_events_per_s", [])) > 1:
+                rates = ", ".join(f"{rate:,.0f}" for rate in row["runs_events_per_s"])
+                lines.append(f"{'':<44} median of {len(row['runs_events_per_s'])} runs: {rates} events/s")
     topo, base, ceil = result.get("topology"), result.get("baseline"), result.get("ceiling")
     if topo and base:
         lines.append(

@@ -41,6 +41,7 @@ def defaults(small: bool) -> dict[str, Any]:
             "ingest_plan": [(1000, 4), (100, 10), (1, 50)],
             "probes": 3,
             "scale_events": 4_000,
+            "topology_runs": 1,
         }
     return {
         "events": 200_000,
@@ -51,6 +52,7 @@ def defaults(small: bool) -> dict[str, Any]:
         "ingest_plan": [(1000, 150), (100, 300), (1, 1500)],
         "probes": 20,
         "scale_events": 100_000,
+        "topology_runs": 3,
     }
 
 
@@ -99,12 +101,28 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         phase("produce", produce_all)
 
         def do_topology() -> None:
-            result["topology"] = topology.measure(
-                broker.address, workload, workdir, profile=options.get("profile", False)
-            )
+            # this machine is shared and noisy: the topology runs several times, each extra run
+            # on a fresh broker (its topics would otherwise hold the earlier run's state), and
+            # the median run is reported with every run's rate beside it
+            profile = options.get("profile", False)
+            runs = [topology.measure(broker.address, workload, workdir, profile=profile)]
+            for n in range(2, cfg["topology_runs"] + 1):
+                progress(f"topology: run {n} of {cfg['topology_runs']} on a fresh broker")
+                rundir = workdir / f"topology-run{n}"
+                rundir.mkdir(exist_ok=True)
+                with EmbeddedBroker(log_path=rundir / "broker.log") as fresh:
+                    runs.append(topology.measure(fresh.address, workload, rundir))
+            ranked = sorted(runs, key=lambda run: run["events_per_s"])
+            median = ranked[(len(ranked) - 1) // 2]
+            result["topology"] = {
+                **median,
+                "exact": all(run["exact"] for run in runs),
+                "problems": [p for run in runs for p in run["problems"]][:10],
+                "runs_events_per_s": [run["events_per_s"] for run in runs],
+            }
             progress(
-                f"topology: {result['topology']['events_per_s']:,.0f} events/s, "
-                f"exact={result['topology']['exact']}"
+                f"topology: {result['topology']['events_per_s']:,.0f} events/s (median of "
+                f"{len(runs)}), exact={result['topology']['exact']}"
             )
 
         phase("topology", do_topology)
