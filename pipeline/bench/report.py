@@ -97,6 +97,8 @@ def render(result: dict[str, Any]) -> str:
             if len(row.get("runs_events_per_s", [])) > 1:
                 rates = ", ".join(f"{rate:,.0f}" for rate in row["runs_events_per_s"])
                 lines.append(f"{'':<44} median of {len(row['runs_events_per_s'])} runs: {rates} events/s")
+            if row.get("cpu_seconds"):
+                lines.append(f"{'':<44} worker CPU (user+system): {row['cpu_seconds']:.2f} s")
     topo, base, ceil = result.get("topology"), result.get("baseline"), result.get("ceiling")
     if topo and base:
         lines.append(
