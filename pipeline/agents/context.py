@@ -43,6 +43,15 @@ def group_by_partition(events: list[EventT]) -> dict[int, list[EventT]]:
     return groups
 
 
+def _write_batch(items: dict[bytes, bytes]) -> Any:
+    from rocksdict import WriteBatch
+
+    batch = WriteBatch(raw_mode=True)
+    for key, value in items.items():
+        batch.put(key, value)
+    return batch
+
+
 class BulkTable:
     """Many keys of one table partition per call; bytes keys and values.
 
@@ -94,13 +103,8 @@ class BulkTable:
         store = self._rocks()
         if store is None or self.io is None or not items:
             return await self.put_many(partition, items, event)
-        from rocksdict import WriteBatch
-
-        batch = WriteBatch(raw_mode=True)
-        for key, value in items.items():
-            batch.put(key, value)
         loop = asyncio.get_running_loop()
-        local = loop.run_in_executor(self.io, store._db_for_partition(partition).write, batch)
+        local = loop.run_in_executor(self.io, store._db_for_partition(partition).write, _write_batch(items))
         return [local, *await self._send_changelog(store, partition, items, local)]
 
     async def put_many(
@@ -115,12 +119,7 @@ class BulkTable:
                 for key, value in items.items():
                     self.table[key] = value
             return []
-        from rocksdict import WriteBatch
-
-        batch = WriteBatch(raw_mode=True)
-        for key, value in items.items():
-            batch.put(key, value)
-        store._db_for_partition(partition).write(batch)
+        store._db_for_partition(partition).write(_write_batch(items))
         return await self._send_changelog(store, partition, items)
 
     async def _send_changelog(

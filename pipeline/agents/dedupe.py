@@ -91,9 +91,15 @@ class DedupeStage:
             for chunk in self.chunks(events):
                 count, tail = await self._begin(chunk, tail)
                 applied += count
-        finally:
             if tail is not None:
                 await tail
+        except BaseException:
+            # the batch's offsets are not committed, so it is replayed: partials it applied in
+            # memory only must not survive (the stored ones are what the replay starts from)
+            if tail is not None and not tail.done():
+                tail.cancel()
+            self._inflight.clear()
+            raise
         return applied
 
     async def _begin(
