@@ -148,8 +148,7 @@ def create_pipeline(settings: Settings) -> Pipeline:
     @app.agent(raw, name="dedupe")
     async def dedupe_agent(stream: faust.StreamT) -> None:
         async for events in stream.take_events(settings.batch_max, within=settings.batch_within):
-            # messages carry up to 1,000 events each: bound the events held at once
-            await dedupe.process_batch(list(events))
+            await dedupe.process_batch(list(events))  # in chunks: bounds the events held at once
 
     @app.agent(partials_topic, name="aggregate")
     async def aggregate_agent(stream: faust.StreamT) -> None:

@@ -47,12 +47,11 @@ _TOPIC_MASK = _STAMP_MARK - 1
 
 
 def stamp_of(topic_code: int, offset: int, index: int) -> Stamp:
-    return ((offset * STAMP_SPAN + index) << STAMP_SHIFT) | _STAMP_MARK | topic_code
+    return _stamp(topic_code, offset * STAMP_SPAN + index)
 
 
-def split_stamp(stamp: Stamp) -> tuple[int, int]:
-    """(topic code, position) of a stamp."""
-    return stamp & _TOPIC_MASK, stamp >> STAMP_SHIFT
+def _stamp(topic_code: int, position: int) -> Stamp:
+    return (position << STAMP_SHIFT) | _STAMP_MARK | topic_code
 
 
 class SubscriberRecord:
@@ -111,15 +110,11 @@ class SubscriberRecord:
 
 def _upgrade_record(doc: dict[str, Any]) -> dict[str, Any]:
     """A record written before stamps were one int ("i" and [topic, position] pairs)."""
-
-    def stamp(pair: list[int]) -> Stamp:
-        return (pair[1] << STAMP_SHIFT) | _STAMP_MARK | pair[0]
-
     new = {
-        "e": {k: [stamp(v), v[2], v[3]] for k, v in doc.get("i", {}).items()},
-        "u": {k: stamp(v) for k, v in doc.get("u", {}).items()},
-        "w": {w: {k: stamp(v) for k, v in flags.items()} for w, flags in doc.get("w", {}).items()},
-        "o": {k: stamp(v) for k, v in doc.get("o", {}).items()},
+        "e": {k: [_stamp(v[0], v[1]), v[2], v[3]] for k, v in doc.get("i", {}).items()},
+        "u": {k: _stamp(*v) for k, v in doc.get("u", {}).items()},
+        "w": {w: {k: _stamp(*v) for k, v in flags.items()} for w, flags in doc.get("w", {}).items()},
+        "o": {k: _stamp(*v) for k, v in doc.get("o", {}).items()},
     }
     if doc.get("d") is not None:
         new["d"] = doc["d"]
@@ -187,10 +182,6 @@ class Partial:
             for start in starts[:-retention]:
                 del self.windows[f"{size}:{start}"]
                 self.evicted[str(size)] = max(self.evicted.get(str(size), -1), start)
-
-
-def _bump(counts: dict[str, int], name: str) -> None:
-    counts[name] = counts.get(name, 0) + 1
 
 
 _TOPIC_KEYS = tuple(str(code) for code in range(1 << TOPIC_BITS))  # str(topic code), without formatting

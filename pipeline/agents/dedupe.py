@@ -21,6 +21,7 @@ import asyncio
 import gc
 import logging
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -29,7 +30,7 @@ import orjson
 
 from pipeline.agents.context import BulkTable, group_by_partition
 from pipeline.dedupe import STAMP_SHIFT, STAMP_SPAN, Partial, SubscriberRecord, apply, stamp_of
-from pipeline.events import EventError, validate_event
+from pipeline.events import EventError, routing_key, validate_event
 from pipeline.settings import Settings
 from pipeline.topics import TOPIC_CODES, is_validated
 
@@ -123,16 +124,15 @@ class DedupeStage:
         try:
             # decode every partition's messages while the records they touch are read on the
             # I/O thread, then apply each partition while the previous one is being written
-            reads = []
+            reads: deque = deque()  # taken from the front, so each partition's events are freed once applied
             for partition, group in group_by_partition(events).items():
                 decoded = self._decode(group, partition, rejected, now)
                 rkeys = list(dict.fromkeys([d[3] for d in decoded]))
                 reads.append(
                     (partition, group, decoded, rkeys, self._records.read_later(partition, rkeys, group[0]))
                 )
-            reads.reverse()
             while reads:
-                partition, group, decoded, rkeys, reading = reads.pop()
+                partition, group, decoded, rkeys, reading = reads.popleft()
                 raw_records = await reading
                 records, partials, count = self._apply_partition(
                     partition, group, decoded, rkeys, raw_records, now
@@ -208,8 +208,8 @@ class DedupeStage:
                     if item is None:
                         continue
                 ckey = item["channel"] + "|" + item["campaign_id"]
-                sub = item.get("subscriber_id") or "#" + item["event_id"]
-                append((item, first + (index << STAMP_SHIFT), ckey, (ckey + "|" + sub).encode()))
+                rkey = (ckey + "|" + routing_key(item)).encode()  # the partitioner's key, too
+                append((item, first + (index << STAMP_SHIFT), ckey, rkey))
         return out
 
     @staticmethod

@@ -13,6 +13,7 @@ growth per million subscribers, and the size on disk. Run in its own process:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import random
 import shutil
@@ -43,26 +44,21 @@ def record(n: int, now: int) -> tuple[bytes, bytes]:
     return f"email|camp-{n % 100:03d}|h:{n:032x}".encode(), orjson.dumps(doc)
 
 
-_SHAPES: dict[int, dict[str, Any]] = {}
-
-
+@functools.cache
 def _shape(now: int) -> dict[str, Any]:
     """A record after one e-mail click, made by :func:`pipeline.dedupe.apply` itself."""
-    shape = _SHAPES.get(now)
-    if shape is None:
-        event = {
-            "event_id": "first",
-            "type": "click",
-            "channel": "email",
-            "campaign_id": "camp",
-            "subscriber_id": "h:0",
-            "timestamp": float(now),
-            "source": "sendgrid",
-        }
-        subscriber = SubscriberRecord()
-        apply(event, stamp_of(1, 0, 0), subscriber, Partial(), now, (60,), 300)
-        shape = _SHAPES[now] = subscriber.to_json()
-    return shape
+    event = {
+        "event_id": "first",
+        "type": "click",
+        "channel": "email",
+        "campaign_id": "camp",
+        "subscriber_id": "h:0",
+        "timestamp": float(now),
+        "source": "sendgrid",
+    }
+    subscriber = SubscriberRecord()
+    apply(event, stamp_of(1, 0, 0), subscriber, Partial(), now, (60,), 300)
+    return subscriber.to_json()
 
 
 def run(subscribers: int, directory: Path) -> dict[str, Any]:
