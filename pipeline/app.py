@@ -105,7 +105,9 @@ def create_pipeline(settings: Settings) -> Pipeline:
         stream_buffer_maxsize=settings.batch_max * 2,
         consumer_max_fetch_size=4 * 1024 * 1024,  # ~25,000 ingest-batched events per partition
         producer_max_batch_size=1024 * 1024,
-        stream_wait_empty=False,
+        # a revoked partition is handed over only after the batch in progress is acknowledged:
+        # otherwise its late changelog writes interleave with the new owner's
+        stream_wait_empty=True,
         producer_max_request_size=4 * 1024 * 1024,
         producer_linger_ms=5,
         table_cleanup_interval=3600,
