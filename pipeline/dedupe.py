@@ -54,42 +54,47 @@ def _stamp(topic_code: int, position: int) -> Stamp:
     return (position << STAMP_SHIFT) | _STAMP_MARK | topic_code
 
 
-class SubscriberRecord:
-    """What is known of one subscriber in one campaign; stored as a small orjson document.
+# Bit of each distinct-subscriber count in a record's flag words, in UNIQUE_EVENTS order.
+NAME_BITS = {name: 1 << index for index, name in enumerate(UNIQUE_EVENTS)}
+_NAME_SPAN = len(UNIQUE_EVENTS)  # the flags an event gained in window i: bits (i + 1) * _NAME_SPAN on
 
-    ``ids``: event id -> [stamp, decision word, seen at (wall-clock seconds)];
-    ``unique``: count -> stamp of the event that made the subscriber unique;
+
+class SubscriberRecord:
+    """What is known of one subscriber in one campaign; stored as a small orjson array.
+
+    ``ids``: event id -> [stamp, decision word, seen at (wall-clock seconds), gained];
+    ``unique``: flag word of the counts (:data:`NAME_BITS`) the subscriber is part of;
     ``windows``: "size:start" -> the same per window; ``orders``: order id -> stamp;
     ``delivered``: event time of the first delivery (bot-click heuristic).
+
+    *gained* is the flag word of what the event made the subscriber part of: its lifetime
+    flags in the low bits, then the flags of window size ``i`` (of the configured sizes) at
+    ``(i + 1) * len(UNIQUE_EVENTS)``. A replay counts exactly those again. Flag words instead
+    of a stamp per name and window keep a record at about a dozen objects: every event costs a
+    decode, an encode and a free of its record, and that cost is per object.
     """
 
     __slots__ = ("delivered", "ids", "orders", "unique", "windows")
 
     def __init__(self) -> None:
         self.ids: dict[str, list[int]] = {}
-        self.unique: dict[str, Stamp] = {}
-        self.windows: dict[str, dict[str, Stamp]] = {}
+        self.unique: int = 0
+        self.windows: dict[str, int] = {}
         self.orders: dict[str, Stamp] = {}
         self.delivered: float | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        doc = {"e": self.ids, "u": self.unique, "w": self.windows, "o": self.orders}
-        if self.delivered is not None:
-            doc["d"] = self.delivered
-        return doc
+    def to_json(self) -> list[Any]:
+        return [self.ids, self.unique, self.windows, self.orders, self.delivered]
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> SubscriberRecord:
-        if not doc:
-            return cls()
-        if "i" in doc:
-            doc = _upgrade_record(doc)
-        record = cls.__new__(cls)  # no empty dicts made only to be replaced: once per record read
-        record.ids = doc["e"]
-        record.unique = doc["u"]
-        record.windows = doc["w"]
-        record.orders = doc["o"]
-        record.delivered = doc.get("d")
+    def from_json(cls, doc: list[Any] | dict[str, Any], sizes: tuple[int, ...] = ()) -> SubscriberRecord:
+        """Decode a stored record; ``sizes`` (the configured windows) upgrade an older format."""
+        if type(doc) is not list:
+            if not doc:
+                return cls()
+            doc = _upgrade_record(doc, sizes)
+        record = cls.__new__(cls)  # no empty containers made only to be replaced: once per read
+        record.ids, record.unique, record.windows, record.orders, record.delivered = doc
         return record
 
     def prune(self, now: float, retention: float, evicted: dict[str, int]) -> None:
@@ -108,23 +113,53 @@ class SubscriberRecord:
                     del self.windows[key]
 
 
-def _upgrade_record(doc: dict[str, Any]) -> dict[str, Any]:
-    """A record written before stamps were one int ("i" and [topic, position] pairs)."""
-    new = {
-        "e": {k: [_stamp(v[0], v[1]), v[2], v[3]] for k, v in doc.get("i", {}).items()},
-        "u": {k: _stamp(*v) for k, v in doc.get("u", {}).items()},
-        "w": {w: {k: _stamp(*v) for k, v in flags.items()} for w, flags in doc.get("w", {}).items()},
-        "o": {k: _stamp(*v) for k, v in doc.get("o", {}).items()},
-    }
-    if doc.get("d") is not None:
-        new["d"] = doc["d"]
-    return new
+def _upgrade_record(doc: dict[str, Any], sizes: tuple[int, ...]) -> list[Any]:
+    """A record of an earlier format: a stamp per count and window instead of flag words.
+
+    Two formats: stamps as [topic, position] pairs under "i", and int stamps under "e". An
+    event's *gained* word is rebuilt from the stamps: it gained the flags that hold its stamp.
+    """
+    if "i" in doc:
+        doc = {
+            "e": {k: [_stamp(v[0], v[1]), v[2], v[3]] for k, v in doc.get("i", {}).items()},
+            "u": {k: _stamp(*v) for k, v in doc.get("u", {}).items()},
+            "w": {w: {k: _stamp(*v) for k, v in f.items()} for w, f in doc.get("w", {}).items()},
+            "o": {k: _stamp(*v) for k, v in doc.get("o", {}).items()},
+            "d": doc.get("d"),
+        }
+    unique: dict[str, Stamp] = doc.get("u", {})
+    windows: dict[str, dict[str, Stamp]] = doc.get("w", {})
+    index = {str(size): i for i, size in enumerate(sizes)}
+    ids = {}
+    for event_id, (stamp, decision, seen, *_) in doc.get("e", {}).items():
+        gained = _flags(name for name, first in unique.items() if first == stamp)
+        for key, flags in windows.items():
+            i = index.get(_split_window_key(key)[0])
+            if i is not None:
+                names = (name for name, first in flags.items() if first == stamp)
+                gained |= _flags(names) << (i + 1) * _NAME_SPAN
+        ids[event_id] = [stamp, decision, seen, gained]
+    return [
+        ids,
+        _flags(unique),
+        {key: _flags(flags) for key, flags in windows.items()},
+        dict(doc.get("o", {})),
+        doc.get("d"),
+    ]
+
+
+def _flags(names: Iterable[str]) -> int:
+    word = 0
+    for name in names:
+        word |= NAME_BITS.get(name, 0)
+    return word
 
 
 _SPLIT_KEYS: dict[str, tuple[str, int]] = {}
 
 
 def _split_window_key(key: str) -> tuple[str, int]:
+    """ "size:start" -> ("size", start): the size stays a string, as in ``Partial.evicted``."""
     parts = _SPLIT_KEYS.get(key)
     if parts is None:
         if len(_SPLIT_KEYS) > 100_000:
@@ -254,6 +289,7 @@ def apply(
     ids = record.ids
     event_id = event["event_id"]
     entry = ids.get(event_id)
+    fresh = False
     if entry is None:
         # Lateness is judged against the event time seen on the event's own topic partition:
         # the order within it is the order produced, while topics are consumed at their own
@@ -279,8 +315,8 @@ def apply(
             and 0 <= timestamp - delivered <= bot_click_seconds
         ):
             late_mask |= HEURISTIC_BOT
-        entry = ids[event_id] = [stamp, late_mask, int(now)]
-        changed = True
+        entry = ids[event_id] = [stamp, late_mask, int(now), 0]
+        changed = fresh = True
     elif entry[0] != stamp:
         partial.duplicates += 1  # a redelivery: first seen at another position
         return changed
@@ -310,14 +346,14 @@ def apply(
     if late_mask:
         partial.late += 1  # still counted in "all", and visible as late
     pwindows = partial.windows
-    window_counts: list[tuple[str, dict[str, int]]] = []
+    window_counts: list[tuple[int, str, dict[str, int]]] = []  # (size index, key, counts)
     for i, size in enumerate(sizes):
         if not late_mask & (1 << i):
             key = _window_key(size, int(timestamp // size) * size)
             counts = pwindows.get(key)
             if counts is None:
                 counts = pwindows[key] = {}
-            window_counts.append((key, counts))
+            window_counts.append((i, key, counts))
 
     if kind == "open":
         extra = "machine_open" if event.get("machine") else None
@@ -327,45 +363,51 @@ def apply(
         extra = None
     totals = partial.totals
     totals[kind] = totals.get(kind, 0) + 1
-    for _, counts in window_counts:
+    for _, _, counts in window_counts:
         counts[kind] = counts.get(kind, 0) + 1
     if extra is not None:
         totals[extra] = totals.get(extra, 0) + 1
-        for _, counts in window_counts:
+        for _, _, counts in window_counts:
             counts[extra] = counts.get(extra, 0) + 1
 
-    names = _UNIQUE_BY_KIND.get((kind, event["channel"], extra))
-    if names is None:
-        names = _with_counts(unique_counts({**event, "bot": True} if extra == "bot_click" else event))
-    if names:
-        # lifetime and per-window flags follow the same rule; written out twice on purpose:
-        # this runs for every event, and a helper call per flag cost measurable throughput
-        unique = record.unique
-        rwindows = record.windows
-        for name, uname in names:
-            first = unique.setdefault(name, stamp)
-            if first is stamp or first == stamp:
-                changed = changed or first is stamp
+    want = _UNIQUE_BY_KIND.get((kind, event["channel"], extra))
+    if want is None:
+        want = _flags(unique_counts({**event, "bot": True} if extra == "bot_click" else event))
+    if want:
+        if fresh:
+            # the flags this event sets first: lifetime, then each window it is counted in
+            gained = want & ~record.unique
+            record.unique |= gained
+            rwindows = record.windows
+            for i, key, _ in window_counts:
+                have = rwindows.get(key, 0)
+                flags = want & ~have
+                if flags:
+                    rwindows[key] = have | flags
+                    gained |= flags << (i + 1) * _NAME_SPAN
+            entry[3] = gained
+        else:
+            # a replay: what the event gained when first applied (of what it can gain: a
+            # record upgraded from stamps per flag knows only which flags hold its stamp)
+            gained = entry[3]
+        if gained:
+            for uname in _UNIQUE_NAMES[gained & want]:
                 totals[uname] = totals.get(uname, 0) + 1
-        for key, counts in window_counts:
-            flags = rwindows.get(key)
-            if flags is None:
-                flags = rwindows[key] = {}
-            for name, uname in names:
-                first = flags.setdefault(name, stamp)
-                if first is stamp or first == stamp:
-                    changed = changed or first is stamp
+            for i, _, counts in window_counts:
+                for uname in _UNIQUE_NAMES[(gained >> (i + 1) * _NAME_SPAN) & want]:
                     counts[uname] = counts.get(uname, 0) + 1
     return changed
 
 
-def _with_counts(names: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
-    return tuple((name, f"unique_{name}") for name in names)
+# flag word (of one count set) -> the "unique_*" counts it bumps
+_UNIQUE_NAMES = tuple(
+    tuple(f"unique_{name}" for name, bit in NAME_BITS.items() if word & bit)
+    for word in range(1 << _NAME_SPAN)
+)
 
-
-# unique_counts() by (type, channel, extra count), with the counts they bump: the common events
-_UNIQUE_BY_KIND: dict[tuple[str, str, str | None], tuple[tuple[str, str], ...]] = {
-    key: _with_counts(names)
+# unique_counts() by (type, channel, extra count) as a flag word: the common events
+_UNIQUE_BY_KIND: dict[tuple[str, str, str | None], int] = {
+    key: _flags(names)
     for key, names in {
         ("click", "email", None): ("click", "open", "human_open"),
         ("click", "email", "bot_click"): ("click", "open"),

@@ -233,10 +233,11 @@ class DedupeStage:
     ) -> tuple[dict[bytes, bytes], dict[bytes, tuple[Partial, bytes]], int]:
         """Apply one partition's events; return its changed records and partials, encoded."""
         settings = self.settings
+        windows = tuple(settings.windows)
         from_json = SubscriberRecord.from_json
         new_record = SubscriberRecord
         records = {
-            k: from_json(_loads(raw)) if raw else new_record()
+            k: from_json(_loads(raw), windows) if raw else new_record()
             for k, raw in zip(unique_rkeys, raw_records, strict=True)
         }
         unique_ckeys = list(dict.fromkeys([d[2] for d in decoded]))
@@ -256,7 +257,6 @@ class DedupeStage:
         changed: dict[bytes, str] = {}
         touched: set[str] = set()
         applied = 0
-        windows = tuple(settings.windows)
         lateness = settings.allowed_lateness
         bot_seconds = settings.bot_click_seconds
         for event, stamp, ckey, rkey in decoded:

@@ -35,17 +35,13 @@ def record(n: int, now: int) -> tuple[bytes, bytes]:
     shape = _shape(now)
     event_id = f"sendgrid:ev{n:012d}"
     stamp = stamp_of(1, n, 0)
-    doc = {
-        "e": {event_id: [stamp, *shape["e"]["first"][1:]]},
-        "u": dict.fromkeys(shape["u"], stamp),
-        "w": {window: dict.fromkeys(flags, stamp) for window, flags in shape["w"].items()},
-        "o": {},
-    }
+    ids, unique, windows, orders, delivered = shape
+    doc = [{event_id: [stamp, *ids["first"][1:]]}, unique, windows, orders, delivered]
     return f"email|camp-{n % 100:03d}|h:{n:032x}".encode(), orjson.dumps(doc)
 
 
 @functools.cache
-def _shape(now: int) -> dict[str, Any]:
+def _shape(now: int) -> list[Any]:
     """A record after one e-mail click, made by :func:`pipeline.dedupe.apply` itself."""
     event = {
         "event_id": "first",
