@@ -3,15 +3,16 @@
 State lives in two kinds of records, both on the partition of the subscriber:
 
 * a :class:`SubscriberRecord` per (channel, campaign, subscriber) holds the event ids seen
-  (for redelivery), the order ids seen (a conversion counts once per order) and, per count and
-  per window, *which event first made the subscriber unique*;
+  (for redelivery) with *what each made the subscriber part of* (first clicker, first in
+  this window...), the order ids seen (a conversion counts once per order) and the flags of
+  the distinct-subscriber counts it is already part of, overall and per window;
 * a :class:`Partial` per (partition, channel, campaign) holds the cumulative counts of that
   partition and, per source topic, the position of the last event applied to it.
 
 Exactness through crashes without broker transactions: every decision about an event is
-written into the subscriber record together with the event's position (its *stamp*: topic,
-offset, index in the message). Replaying an event after a crash finds its own stamp there and
-recomputes exactly the same contribution; a redelivery finds another stamp and is a duplicate.
+written into the subscriber record under its event id, together with the event's position
+(its *stamp*: topic, offset, index in the message). Replaying an event after a crash finds its
+own stamp there and recomputes exactly the same contribution from the stored decisions; a redelivery finds another stamp and is a duplicate.
 A partial skips events at or before its own position, so it never adds one twice. Records are
 written before partials, so a partial never counts an event its subscriber record lacks.
 """
