@@ -12,9 +12,10 @@ State lives in two kinds of records, both on the partition of the subscriber:
 Exactness through crashes without broker transactions: every decision about an event is
 written into the subscriber record under its event id, together with the event's position
 (its *stamp*: topic, offset, index in the message). Replaying an event after a crash finds its
-own stamp there and recomputes exactly the same contribution from the stored decisions; a redelivery finds another stamp and is a duplicate.
-A partial skips events at or before its own position, so it never adds one twice. Records are
-written before partials, so a partial never counts an event its subscriber record lacks.
+own stamp there and recomputes exactly the same contribution from the stored decisions; a
+redelivery finds another stamp and is a duplicate. A partial skips events at or before its own
+position, so it never adds one twice. Records are written before partials, so a partial never
+counts an event its subscriber record lacks.
 """
 
 from __future__ import annotations

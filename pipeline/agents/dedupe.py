@@ -236,10 +236,7 @@ class DedupeStage:
         windows = tuple(settings.windows)
         from_json = SubscriberRecord.from_json
         new_record = SubscriberRecord
-        records = {
-            k: from_json(_loads(raw), windows) if raw else new_record()
-            for k, raw in zip(unique_rkeys, raw_records, strict=True)
-        }
+        stored_records = dict(zip(unique_rkeys, raw_records, strict=True))
         unique_ckeys = list(dict.fromkeys([d[2] for d in decoded]))
         partials: dict[str, Partial] = {}
         stored: list[tuple[str, bytes]] = []
@@ -254,25 +251,36 @@ class DedupeStage:
         raw_partials = self._partials.get_many(partition, [pkey for _, pkey in stored], group[0])
         for (ckey, _), raw in zip(stored, raw_partials, strict=True):
             partials[ckey] = Partial.from_json(_loads(raw)) if raw else Partial()
-        changed: dict[bytes, str] = {}
+        # a record is decoded at its first event of the chunk and encoded and freed at its
+        # last: most records see one or two events, so this happens while its objects are
+        # still in the CPU's cache (walking all records of a chunk afterwards cost about as
+        # much as the rules themselves)
+        last = {rkey: i for i, (_, _, _, rkey) in enumerate(decoded)}
+        records: dict[bytes, SubscriberRecord] = {}
+        changed: set[bytes] = set()
         touched: set[str] = set()
+        out_records: dict[bytes, bytes] = {}
         applied = 0
         lateness = settings.allowed_lateness
         bot_seconds = settings.bot_click_seconds
-        for event, stamp, ckey, rkey in decoded:
+        retention = settings.dedupe_retention
+        for i, (event, stamp, ckey, rkey) in enumerate(decoded):
+            record = records.get(rkey)
+            if record is None:
+                raw = stored_records[rkey]
+                record = records[rkey] = from_json(_loads(raw), windows) if raw else new_record()
             partial = partials[ckey]
             before = partial.seq
-            if apply(event, stamp, records[rkey], partial, now, windows, lateness, bot_seconds):
-                changed[rkey] = ckey
+            if apply(event, stamp, record, partial, now, windows, lateness, bot_seconds):
+                changed.add(rkey)
             if partial.seq != before:
                 touched.add(ckey)
                 applied += 1
-        out_records: dict[bytes, bytes] = {}
-        retention = settings.dedupe_retention
-        for rkey, ckey in changed.items():
-            record = records[rkey]
-            record.prune(now, retention, partials[ckey].evicted)
-            out_records[rkey] = _dumps(record.to_json())
+            if last[rkey] == i:
+                if rkey in changed:
+                    record.prune(now, retention, partial.evicted)
+                    out_records[rkey] = _dumps(record.to_json())
+                del records[rkey]
         out_partials: dict[bytes, tuple[Partial, bytes]] = {}
         for ckey in touched:
             partial = partials[ckey]
