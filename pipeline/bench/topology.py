@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if state["first"] is None:
             state["first"] = time.time()
             state["cpu_first"] = cpu_seconds()
+            state["faults_first"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             if args.profile:
                 from pyinstrument import Profiler
 
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.expect and state["done"] is None and state["applied_seq"] >= args.expect:
             state["done"] = time.time()
             state["cpu_done"] = cpu_seconds()
+            state["faults_done"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             if profiler is not None:
                 profiler.stop()
                 Path(args.profile).write_text(
