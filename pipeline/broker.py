@@ -109,15 +109,24 @@ class EmbeddedBroker:
         self.stop()
 
 
-async def true_end_offsets(bootstrap: str, reported: dict, timeout: float = 10.0) -> dict:
+class EndOffsetsError(RuntimeError):
+    """The real end of a changelog partition could not be read: recovering would be stale."""
+
+
+async def true_end_offsets(bootstrap: str, reported: dict, timeout: float = 30.0) -> dict:
     """End offsets read from the log itself, not from ListOffsets.
 
     Tansu 0.1.2 answers ListOffsets(latest) with the *first* offset of the last record batch
     plus one, not the last offset plus one, so Faust's changelog recovery would stop short of
     the last batch (and refuse to start when its persisted offset is beyond that). Reading
     from the reported end to the real end fixes it; on Apache Kafka it reads nothing new.
+
+    Every partition must answer: one that does not within ``timeout`` raises
+    :class:`EndOffsetsError` (the worker stops, loudly) instead of recovering up to the short
+    reported end. An earlier version gave up at the first empty fetch (500 ms): on a busy
+    machine a rebalance then recovered a stale partial and undercounted.
     """
-    from aiokafka import AIOKafkaConsumer
+    from aiokafka import AIOKafkaConsumer, TopicPartition
 
     fixed = dict(reported)
     wanted = {tp: end for tp, end in reported.items() if end and end > 0}
@@ -128,22 +137,23 @@ async def true_end_offsets(bootstrap: str, reported: dict, timeout: float = 10.0
     )
     await consumer.start()
     try:
-        from aiokafka import TopicPartition
-
         tps = {TopicPartition(tp.topic, tp.partition): tp for tp in wanted}
         consumer.assign(list(tps))
         for ktp, tp in tps.items():
-            consumer.seek(ktp, wanted[tp] - 1)
+            consumer.seek(ktp, wanted[tp] - 1)  # the last batch starts there: it exists
         deadline = time.monotonic() + timeout
         pending = set(tps)
         while pending and time.monotonic() < deadline:
             batch = await consumer.getmany(*pending, timeout_ms=500)
-            if not batch:
-                break
             for ktp, records in batch.items():
                 if records:
                     tp = tps[ktp]
                     fixed[tp] = max(fixed[tp], records[-1].offset + 1)
+                    pending.discard(ktp)  # a fetch returns the whole batch it starts in
+        if pending:
+            raise EndOffsetsError(
+                f"no answer within {timeout:.0f} s for the end of {sorted(str(tp) for tp in pending)}"
+            )
     finally:
         await consumer.stop()
     return fixed

@@ -171,7 +171,7 @@ def _split_window_key(key: str) -> tuple[str, int]:
     return parts
 
 
-@dataclass
+@dataclass(slots=True)
 class Partial:
     """Cumulative counts of one campaign on one partition; sent whole, so resending is harmless."""
 
@@ -264,6 +264,7 @@ def apply_event(
 # Bit of the stored decision word (ids entry [1]) that marks a click judged to be a link
 # scanner's by the heuristic; the low bits are the per-window lateness mask.
 HEURISTIC_BOT = 1 << 30
+_LATE_BITS = HEURISTIC_BOT - 1
 
 
 def apply(
@@ -299,7 +300,7 @@ def apply(
         seen = partial.watermarks.get(tkey, 0.0)
         evicted = partial.evicted
         late_mask = 0
-        if seen > timestamp or evicted:
+        if seen > timestamp + lateness or evicted:  # else no window of it can be closed
             for i, size in enumerate(sizes):
                 start = int(timestamp // size) * size
                 if start + size + lateness <= seen or (evicted and start <= evicted.get(str(size), -1)):
@@ -344,14 +345,15 @@ def apply(
         watermarks[tkey] = timestamp
     elif tkey not in watermarks:
         watermarks[tkey] = 0.0
-    late_mask = decision & ~HEURISTIC_BOT
+    late_mask = decision & _LATE_BITS
     if late_mask:
         partial.late += 1  # still counted in "all", and visible as late
     pwindows = partial.windows
     window_counts: list[tuple[int, str, dict[str, int]]] = []  # (size index, key, counts)
     for i, size in enumerate(sizes):
         if not late_mask & (1 << i):
-            key = _window_key(size, int(timestamp // size) * size)
+            start = int(timestamp // size) * size
+            key = _WINDOW_KEYS.get((size, start)) or _window_key(size, start)
             counts = pwindows.get(key)
             if counts is None:
                 counts = pwindows[key] = {}

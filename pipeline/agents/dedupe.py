@@ -22,6 +22,7 @@ import gc
 import logging
 import time
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -53,6 +54,22 @@ def _compact(encoded: bytes) -> bytes:
     the copy costs ~0.15 us and lets the next ``dumps`` reuse the same buffer.
     """
     return memoryview(encoded).tobytes()
+
+
+class Decoded:
+    """One partition's valid events of a chunk, with the keys they touch.
+
+    ``events``: (event, stamp, campaign key, record key) in order; ``last``: record key ->
+    index of its last event (keys in first-seen order); ``campaigns``: campaign keys in
+    first-seen order. Collected while decoding, when each event is in the CPU's cache.
+    """
+
+    __slots__ = ("campaigns", "events", "last")
+
+    def __init__(self) -> None:
+        self.events: list[tuple[dict[str, Any], int, str, bytes]] = []
+        self.last: dict[bytes, int] = {}
+        self.campaigns: dict[str, None] = {}
 
 
 class DedupeStage:
@@ -138,7 +155,7 @@ class DedupeStage:
             reads: deque = deque()  # taken from the front, so each partition's events are freed once applied
             for partition, group in group_by_partition(events).items():
                 decoded = self._decode(group, partition, rejected, now)
-                rkeys = list(dict.fromkeys([d[3] for d in decoded]))
+                rkeys = list(decoded.last)
                 reads.append(
                     (partition, group, decoded, rkeys, self._records.read_later(partition, rkeys, group[0]))
                 )
@@ -146,7 +163,7 @@ class DedupeStage:
                 partition, group, decoded, rkeys, reading = reads.popleft()
                 raw_records = await reading
                 records, partials, count = self._apply_partition(
-                    partition, group, decoded, rkeys, raw_records, now
+                    partition, group, decoded, dict(zip(rkeys, raw_records, strict=True)), now
                 )
                 del decoded, raw_records  # freed while warm, not after the acknowledgements
                 applied += count
@@ -190,13 +207,14 @@ class DedupeStage:
         for fut in snapshots:
             await fut  # the aggregator's input is acknowledged before our offsets move
 
-    def _decode(
-        self, group: list[faust.types.EventT], partition: int, rejected: list, now: float
-    ) -> list[tuple[dict[str, Any], int, str, bytes]]:
+    def _decode(self, group: list[faust.types.EventT], partition: int, rejected: list, now: float) -> Decoded:
         """Every valid event of the group, in order, with its stamp, campaign and record keys."""
         skew = self.settings.max_future_skew
-        out: list[tuple[dict[str, Any], int, str, bytes]] = []
+        decoded = Decoded()
+        out = decoded.events
         append = out.append
+        last = decoded.last
+        campaigns = decoded.campaigns
         for message_event in group:
             message = message_event.message
             code = TOPIC_CODES.get(message.topic)
@@ -218,10 +236,12 @@ class DedupeStage:
                     item = self._validated(item, index, message, partition, now, skew, rejected)
                     if item is None:
                         continue
-                ckey = item["channel"] + "|" + item["campaign_id"]
-                rkey = (ckey + "|" + routing_key(item)).encode()  # the partitioner's key, too
+                ckey = f"{item['channel']}|{item['campaign_id']}"
+                rkey = f"{ckey}|{routing_key(item)}".encode()  # the partitioner's key, too
+                last[rkey] = len(out)
+                campaigns[ckey] = None
                 append((item, first + (index << STAMP_SHIFT), ckey, rkey))
-        return out
+        return decoded
 
     @staticmethod
     def _validated(item, index, message, partition, now, skew, rejected) -> dict[str, Any] | None:
@@ -237,67 +257,67 @@ class DedupeStage:
         self,
         partition: int,
         group: list[faust.types.EventT],
-        decoded: list[tuple[dict[str, Any], int, str, bytes]],
-        unique_rkeys: list[bytes],
-        raw_records: list[bytes | None],
+        decoded: Decoded,
+        stored_records: dict[bytes, bytes | None],
         now: float,
     ) -> tuple[dict[bytes, bytes], dict[bytes, tuple[Partial, bytes]], int]:
         """Apply one partition's events; return its changed records and partials, encoded."""
         settings = self.settings
         windows = tuple(settings.windows)
+        partials = self._load_partials(partition, decoded.campaigns, group[0])
+        seqs = {ckey: partial.seq for ckey, partial in partials.items()}
         from_json = SubscriberRecord.from_json
         new_record = SubscriberRecord
-        stored_records = dict(zip(unique_rkeys, raw_records, strict=True))
-        unique_ckeys = list(dict.fromkeys([d[2] for d in decoded]))
-        partials: dict[str, Partial] = {}
-        stored: list[tuple[str, bytes]] = []
-        inflight = self._inflight
-        for ckey in unique_ckeys:
-            pkey = f"{partition}|{ckey}".encode()
-            entry = inflight.get(pkey)
-            if entry is None:
-                stored.append((ckey, pkey))
-            else:
-                partials[ckey] = entry[0]  # a previous chunk's, not stored yet
-        raw_partials = self._partials.get_many(partition, [pkey for _, pkey in stored], group[0])
-        for (ckey, _), raw in zip(stored, raw_partials, strict=True):
-            partials[ckey] = Partial.from_json(_loads(raw)) if raw else Partial()
         # a record is decoded at its first event of the chunk and encoded and freed at its
         # last: most records see one or two events, so this happens while its objects are
         # still in the CPU's cache (walking all records of a chunk afterwards cost about as
         # much as the rules themselves)
-        last = {rkey: i for i, (_, _, _, rkey) in enumerate(decoded)}
+        last = decoded.last
         records: dict[bytes, SubscriberRecord] = {}
         changed: set[bytes] = set()
-        touched: set[str] = set()
         out_records: dict[bytes, bytes] = {}
-        applied = 0
         lateness = settings.allowed_lateness
         bot_seconds = settings.bot_click_seconds
         retention = settings.dedupe_retention
-        for i, (event, stamp, ckey, rkey) in enumerate(decoded):
+        for i, (event, stamp, ckey, rkey) in enumerate(decoded.events):
             record = records.get(rkey)
             if record is None:
                 raw = stored_records[rkey]
                 record = records[rkey] = from_json(_loads(raw), windows) if raw else new_record()
             partial = partials[ckey]
-            before = partial.seq
             if apply(event, stamp, record, partial, now, windows, lateness, bot_seconds):
                 changed.add(rkey)
-            if partial.seq != before:
-                touched.add(ckey)
-                applied += 1
             if last[rkey] == i:
                 if rkey in changed:
                     record.prune(now, retention, partial.evicted)
                     out_records[rkey] = _compact(_dumps(record.to_json()))
                 del records[rkey]
         out_partials: dict[bytes, tuple[Partial, bytes]] = {}
-        for ckey in touched:
-            partial = partials[ckey]
-            partial.prune(settings.window_retention)
-            out_partials[f"{partition}|{ckey}".encode()] = (partial, _dumps(partial.to_json()))
+        applied = 0
+        for ckey, partial in partials.items():
+            if partial.seq != seqs[ckey]:  # events applied, not skipped as already counted
+                applied += partial.seq - seqs[ckey]
+                partial.prune(settings.window_retention)
+                out_partials[f"{partition}|{ckey}".encode()] = (partial, _dumps(partial.to_json()))
         return out_records, out_partials, applied
+
+    def _load_partials(
+        self, partition: int, campaigns: Iterable[str], event: faust.types.EventT
+    ) -> dict[str, Partial]:
+        """The partials of these campaigns: from memory if a chunk in flight holds them, else stored."""
+        partials: dict[str, Partial] = {}
+        stored: list[tuple[str, bytes]] = []
+        for ckey in campaigns:
+            pkey = f"{partition}|{ckey}".encode()
+            entry = self._inflight.get(pkey)
+            if entry is None:
+                stored.append((ckey, pkey))
+            else:
+                partials[ckey] = entry[0]  # a previous chunk's, not stored yet
+        raw_partials = self._partials.get_many(partition, [pkey for _, pkey in stored], event)
+        for (ckey, _), raw in zip(stored, raw_partials, strict=True):
+            partials[ckey] = Partial.from_json(_loads(raw)) if raw else Partial()
+        return partials
 
     async def send_raw_snapshot(self, partition: int, ckey: bytes, snapshot: bytes) -> asyncio.Future:
         value = b'{"p":%d,"s":%s}' % (partition, snapshot)
