@@ -16,6 +16,7 @@ from typing import Any
 import faust
 import orjson
 
+from pipeline import rewind
 from pipeline.agents.aggregate import AggregateStage
 from pipeline.agents.dedupe import DedupeStage
 from pipeline.settings import Settings
@@ -86,6 +87,7 @@ def tune_gc() -> None:
 
 def create_pipeline(settings: Settings) -> Pipeline:
     shorten_fetch_wait()
+    rewind.install()
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(

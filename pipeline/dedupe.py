@@ -374,9 +374,10 @@ def apply(
         for _, _, counts in window_counts:
             counts[extra] = counts.get(extra, 0) + 1
 
-    want = _UNIQUE_BY_KIND.get((kind, event["channel"], extra))
+    kind_key = (kind, event["channel"], extra)
+    want = _UNIQUE_BY_KIND.get(kind_key)
     if want is None:
-        want = _flags(unique_counts({**event, "bot": True} if extra == "bot_click" else event))
+        want = _UNIQUE_BY_KIND[kind_key] = _unique_flags(*kind_key)
     if want:
         if fresh:
             # the flags this event sets first: lifetime, then each window it is counted in
@@ -409,20 +410,14 @@ _UNIQUE_NAMES = tuple(
     for word in range(1 << _NAME_SPAN)
 )
 
-# unique_counts() by (type, channel, extra count) as a flag word: the common events
-_UNIQUE_BY_KIND: dict[tuple[str, str, str | None], int] = {
-    key: _flags(names)
-    for key, names in {
-        ("click", "email", None): ("click", "open", "human_open"),
-        ("click", "email", "bot_click"): ("click", "open"),
-        ("click", "ads", None): ("click",),
-        ("click", "ads", "bot_click"): ("click",),
-        ("open", "email", None): ("open", "human_open"),
-        ("open", "email", "machine_open"): ("open",),
-        ("conversion", "email", None): ("conversion",),
-        ("conversion", "ads", None): ("conversion",),
-    }.items()
-}
+# unique_counts() as a flag word by (type, channel, extra count), filled as kinds are met: the
+# types and channels are validated, so it stays a few dozen entries
+_UNIQUE_BY_KIND: dict[tuple[str, str, str | None], int] = {}
+
+
+def _unique_flags(kind: str, channel: str, extra: str | None) -> int:
+    bot, machine = extra == "bot_click", extra == "machine_open"
+    return _flags(unique_counts({"type": kind, "channel": channel, "bot": bot, "machine": machine}))
 
 
 def unique_counts(event: dict[str, Any]) -> tuple[str, ...]:

@@ -9,7 +9,8 @@ just thrown away, for good and silently:
 * it awaits each partition's committed offset in turn, and when the assignment changes
   meanwhile it raises at the first partition no longer assigned: the rest are not sought.
 
-:func:`seek_to_committed` seeks every partition that is still assigned, to its committed
+:func:`install` (called by ``create_pipeline``, like the fetch-wait fix) makes Faust use
+:func:`seek_to_committed`, which seeks every partition that is still assigned, to its committed
 offset or, with none, to the beginning (nothing there was committed, so reading it again is
 at worst a replay, which the dedupe stage recomputes exactly), and skips one that moved away
 (its new owner starts from the committed offset).
@@ -38,11 +39,12 @@ async def seek_to_committed(consumer: AIOKafkaConsumer) -> dict[TopicPartition, 
     return committed_offsets
 
 
-def install(faust_consumer: Any) -> None:
-    """Make a Faust aiokafka consumer seek back with :func:`seek_to_committed`."""
-    thread = faust_consumer._thread  # the thread that owns the aiokafka consumer
+async def _seek_to_committed(self: Any) -> dict[TopicPartition, int | None]:
+    return await self.call_thread(seek_to_committed, self._ensure_consumer())
 
-    async def seek() -> dict[TopicPartition, int | None]:
-        return await thread.call_thread(seek_to_committed, thread._ensure_consumer())
 
-    thread.seek_to_committed = seek
+def install() -> None:
+    """Make Faust's aiokafka consumer thread seek back with :func:`seek_to_committed`."""
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    AIOKafkaConsumerThread.seek_to_committed = _seek_to_committed  # type: ignore[method-assign]

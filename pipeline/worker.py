@@ -9,7 +9,6 @@ import faust
 import mode
 from prometheus_client import CollectorRegistry
 
-from pipeline import rewind
 from pipeline.aggregate import CampaignView
 from pipeline.app import Pipeline, create_pipeline
 from pipeline.broker import read_true_highwaters
@@ -38,7 +37,6 @@ class HttpService(mode.Service):
 
     async def on_start(self) -> None:
         read_true_highwaters(self.pipeline.app.consumer, self.pipeline.settings.broker or "")
-        rewind.install(self.pipeline.app.consumer)
         await self.web.start()
 
     async def on_stop(self) -> None:

@@ -6,19 +6,14 @@ import asyncio
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from faust.types import TP
 
+from pipeline.bench.common import create_topics
 from pipeline.broker import EmbeddedBroker, EndOffsetsError, true_end_offsets
 
 
 async def _write_batches(address: str, topic: str, sizes: list[int]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=address)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
+    await create_topics(address, [topic], partitions=1)
     producer = AIOKafkaProducer(bootstrap_servers=address, enable_idempotence=False)
     await producer.start()
     try:

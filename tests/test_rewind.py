@@ -6,19 +6,14 @@ from __future__ import annotations
 import asyncio
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from pipeline.bench.common import create_topics
 from pipeline.broker import EmbeddedBroker
 from pipeline.rewind import seek_to_committed
 
 
 async def _scenario(address: str) -> tuple[dict, dict]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=address)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic("rewind", num_partitions=2, replication_factor=1)])
-    finally:
-        await admin.close()
+    await create_topics(address, ["rewind"], partitions=2)
     producer = AIOKafkaProducer(bootstrap_servers=address, enable_idempotence=False)
     await producer.start()
     try:

@@ -40,7 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     import faust
     import mode
 
-    from pipeline import rewind
     from pipeline.app import create_pipeline
     from pipeline.broker import read_true_highwaters
     from pipeline.settings import Settings
@@ -143,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     class Highwaters(mode.Service):
         async def on_start(self) -> None:
             read_true_highwaters(pipeline.app.consumer, settings.broker or "")
-            rewind.install(pipeline.app.consumer)
 
     worker = faust.Worker(pipeline.app, Highwaters(), loglevel="warning", quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()
