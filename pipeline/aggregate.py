@@ -9,18 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
+from pipeline.codec import Partial, split_window_key
 from pipeline.dedupe import COUNT_NAMES
 from pipeline.rates import compute_rates
 
 
-def merge_snapshot(stored: dict[str, Any], partition: int, snapshot: dict[str, Any]) -> bool:
+def merge_snapshot(stored: dict[int, Partial], partition: int, snapshot: Partial) -> bool:
     """Keep ``snapshot`` for ``partition`` if it is at least as new; return whether it was kept."""
-    current = stored.get(str(partition))
-    if current is not None and current["q"] > snapshot["q"]:
+    current = stored.get(partition)
+    if current is not None and current.seq > snapshot.seq:
         return False
-    stored[str(partition)] = snapshot
+    stored[partition] = snapshot
     return True
 
 
@@ -69,17 +69,17 @@ class CampaignView:
         return compute_rates(self.channel, counts, denominator, unsupported)
 
 
-def combine(channel: str, campaign: str, snapshots: Iterable[dict[str, Any]]) -> CampaignView:
+def combine(channel: str, campaign: str, partials: Iterable[Partial]) -> CampaignView:
     view = CampaignView(channel, campaign)
-    for snap in snapshots:
-        _add(view.totals, snap["t"])
-        for key, counts in snap["w"].items():
-            size, start = (int(part) for part in key.split(":"))
-            _add(view.windows.setdefault(size, {}).setdefault(start, {}), counts)
-        view.watermark = max(view.watermark, *snap["wm"].values(), 0.0)
-        view.duplicates += snap["d"]
-        view.late += snap["l"]
-        _add(view.sources, snap.get("s", {}))
+    for partial in partials:
+        _add(view.totals, partial.totals)
+        for key, counts in partial.windows.items():
+            size, start = split_window_key(key)
+            _add(view.windows.setdefault(int(size), {}).setdefault(start, {}), counts)
+        view.watermark = max(view.watermark, partial.watermark)
+        view.duplicates += partial.duplicates
+        view.late += partial.late
+        _add(view.sources, partial.sources)
     for name in COUNT_NAMES:
         view.totals.setdefault(name, 0)
     return view

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pipeline.codec import MAX_WINDOW_SIZES
+
 
 class SettingsError(ValueError):
     """A setting has a value the pipeline cannot run with."""
@@ -77,7 +79,7 @@ class Settings:
         env = dict(os.environ if env is None else env)
         get = env.get
         windows = tuple(
-            sorted(_duration(w) for w in get("PIPELINE_WINDOWS", "5m,1h").split(",") if w.strip())
+            sorted({_duration(w) for w in get("PIPELINE_WINDOWS", "5m,1h").split(",") if w.strip()})
         )
         denominator = get("PIPELINE_EMAIL_DENOMINATOR", "delivery")
         if denominator not in ("delivery", "send"):
@@ -118,6 +120,8 @@ class Settings:
             raise SettingsError("PIPELINE_DEDUPE_RETENTION must be at least 48h (providers retry 24h)")
         if not self.windows or min(self.windows) < 60:
             raise SettingsError("PIPELINE_WINDOWS needs at least one window of 1m or more")
+        if len(set(self.windows)) > MAX_WINDOW_SIZES:
+            raise SettingsError(f"PIPELINE_WINDOWS takes at most {MAX_WINDOW_SIZES} window sizes")
         if self.partitions < 1:
             raise SettingsError("PIPELINE_PARTITIONS must be positive")
         if self.env.get("PIPELINE_BENCHMARKS"):

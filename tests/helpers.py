@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,7 +20,7 @@ def campaign_doc(urls: list[str], channel: str, campaign: str) -> dict[str, Any]
     """The campaign as its owner reports it (exactly one worker owns it)."""
     found = []
     for url in urls:
-        resp = httpx.get(f"{url}/campaigns/{channel}/{campaign}", timeout=10)
+        resp = httpx.get(f"{url}/campaigns/{channel}/{quote(campaign, safe='')}", timeout=10)
         if resp.status_code == 200:
             found.append(resp.json())
         else:

@@ -8,13 +8,12 @@ follow a partition when it moves.
 
 from __future__ import annotations
 
-from typing import Any
-
 import faust
-import orjson
 
+from pipeline import codec
 from pipeline.agents.context import group_by_partition, on_partition_of
 from pipeline.aggregate import CampaignView, combine, merge_snapshot
+from pipeline.codec import Partial
 
 
 class AggregateStage:
@@ -25,19 +24,18 @@ class AggregateStage:
     async def process(self, events: list[faust.types.EventT]) -> None:
         for group in group_by_partition(events).values():
             with on_partition_of(group[0]):
-                stored: dict[bytes, dict[str, Any]] = {}
+                stored: dict[bytes, dict[int, Partial]] = {}
                 dirty: set[bytes] = set()
                 for event in group:
                     key = event.message.key
-                    doc = orjson.loads(event.value)
+                    partition, partial = codec.decode_snapshot(event.value)
                     current = stored.get(key)
                     if current is None:
-                        raw = self.campaigns.get(key)
-                        current = stored[key] = orjson.loads(raw) if raw else {}
-                    if merge_snapshot(current, doc["p"], doc["s"]):
+                        current = stored[key] = codec.decode_campaign(self.campaigns.get(key))
+                    if merge_snapshot(current, partition, partial):
                         dirty.add(key)
                 for key in dirty:
-                    self.campaigns[key] = orjson.dumps(stored[key])
+                    self.campaigns[key] = codec.encode_campaign(stored[key])
 
     def views(self) -> list[CampaignView]:
         """Every campaign on the partitions this worker owns, combined across partitions."""
@@ -47,8 +45,9 @@ class AggregateStage:
             seen.add(key)
             cached = self._views.get(key)
             if cached is None or cached[0] != raw:
-                channel, campaign = key.decode().split("|", 1)
-                cached = self._views[key] = (raw, combine(channel, campaign, orjson.loads(raw).values()))
+                channel, campaign = codec.parse_campaign_key(key)
+                partials = codec.decode_campaign(raw).values()
+                cached = self._views[key] = (raw, combine(channel, campaign, partials))
             views.append(cached[1])
         for key in set(self._views) - seen:
             del self._views[key]  # the partition moved away: stop exporting it

@@ -20,6 +20,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 from contextlib import contextmanager
+from itertools import chain
 from typing import Any
 
 from faust.streams import _current_event
@@ -43,13 +44,21 @@ def group_by_partition(events: list[EventT]) -> dict[int, list[EventT]]:
     return groups
 
 
-def _write_batch(items: dict[bytes, bytes]) -> Any:
+def _write_batch(items: dict[bytes, bytes], deletes: Sequence[bytes] = ()) -> Any:
     from rocksdict import WriteBatch
 
     batch = WriteBatch(raw_mode=True)
+    for key in deletes:
+        batch.delete(key)
     for key, value in items.items():
         batch.put(key, value)
     return batch
+
+
+def _any_key_from(db: Any, start: bytes) -> bool:
+    it = db.iter()
+    it.seek(start)
+    return it.valid()
 
 
 class BulkTable:
@@ -90,8 +99,23 @@ class BulkTable:
             return done
         return loop.run_in_executor(self.io, store._db_for_partition(partition).get, list(keys))
 
+    def any_key_from_later(self, partition: int, start: bytes, event: EventT) -> asyncio.Future:
+        """Whether the partition holds any key at or after ``start`` (bytewise), on the I/O
+        thread after every operation submitted before it: one seek with RocksDB."""
+        store = self._rocks()
+        loop = asyncio.get_running_loop()
+        if store is None or self.io is None:
+            done = loop.create_future()
+            if store is not None:
+                done.set_result(_any_key_from(store._db_for_partition(partition), start))
+            else:
+                with on_partition_of(event):
+                    done.set_result(any(key >= start for key in self.table.keys()))
+            return done
+        return loop.run_in_executor(self.io, _any_key_from, store._db_for_partition(partition), start)
+
     async def write_later(
-        self, partition: int, items: dict[bytes, bytes], event: EventT
+        self, partition: int, items: dict[bytes, bytes], event: EventT, deletes: Sequence[bytes] = ()
     ) -> list[asyncio.Future]:
         """:meth:`put_many` with the local write on the I/O thread.
 
@@ -101,29 +125,38 @@ class BulkTable:
         entries the local store lacks.
         """
         store = self._rocks()
-        if store is None or self.io is None or not items:
-            return await self.put_many(partition, items, event)
+        if store is None or self.io is None or not (items or deletes):
+            return await self.put_many(partition, items, event, deletes)
         loop = asyncio.get_running_loop()
-        local = loop.run_in_executor(self.io, store._db_for_partition(partition).write, _write_batch(items))
-        return [local, *await self._send_changelog(store, partition, items, local)]
+        write = store._db_for_partition(partition).write
+        local = loop.run_in_executor(self.io, write, _write_batch(items, deletes))
+        return [local, *await self._send_changelog(store, partition, items, deletes, local)]
 
     async def put_many(
-        self, partition: int, items: dict[bytes, bytes], event: EventT
+        self, partition: int, items: dict[bytes, bytes], event: EventT, deletes: Sequence[bytes] = ()
     ) -> list[asyncio.Future]:
-        """Write locally, then queue the changelog; return futures that resolve when it is acked."""
-        if not items:
+        """Write (and delete ``deletes``) locally, then queue the changelog; return futures that
+        resolve when it is acked."""
+        if not (items or deletes):
             return []
         store = self._rocks()
         if store is None:
             with on_partition_of(event):
+                for key in deletes:
+                    self.table.pop(key, None)
                 for key, value in items.items():
                     self.table[key] = value
             return []
-        store._db_for_partition(partition).write(_write_batch(items))
-        return await self._send_changelog(store, partition, items)
+        store._db_for_partition(partition).write(_write_batch(items, deletes))
+        return await self._send_changelog(store, partition, items, deletes)
 
     async def _send_changelog(
-        self, store: Any, partition: int, items: dict[bytes, bytes], local: asyncio.Future | None = None
+        self,
+        store: Any,
+        partition: int,
+        items: dict[bytes, bytes],
+        deletes: Sequence[bytes] = (),
+        local: asyncio.Future | None = None,
     ) -> list:
         app = self.table.app
         producer = app.producer._ensure_producer()  # the app's own aiokafka producer
@@ -154,12 +187,14 @@ class BulkTable:
             futures.append(future)
 
         builder = producer.create_batch()
-        for key, value in items.items():
+        # a deletion is a tombstone (no value), as Faust's own ``del table[key]`` sends it
+        entries: Iterator[tuple[bytes, bytes | None]] = chain(((key, None) for key in deletes), items.items())
+        for key, value in entries:
             if builder.append(key=key, value=value, timestamp=None) is None:
                 await flush(builder)
                 builder = producer.create_batch()
                 if builder.append(key=key, value=value, timestamp=None) is None:
-                    raise ValueError(f"changelog entry of {len(value)} bytes does not fit a batch")
+                    raise ValueError(f"changelog entry of {len(value or b'')} bytes does not fit a batch")
         if builder.record_count():
             await flush(builder)
         return futures

@@ -29,9 +29,11 @@ from typing import Any
 import faust
 import orjson
 
+from pipeline import codec
 from pipeline.agents.context import BulkTable, group_by_partition
-from pipeline.dedupe import STAMP_SHIFT, STAMP_SPAN, Partial, SubscriberRecord, apply, stamp_of
-from pipeline.events import EventError, routing_key, validate_event
+from pipeline.codec import Partial, SubscriberRecord, campaign_key, record_key
+from pipeline.dedupe import STAMP_SHIFT, STAMP_SPAN, apply, stamp_of
+from pipeline.events import EventError, validate_event
 from pipeline.settings import Settings
 from pipeline.topics import TOPIC_CODES, is_validated
 
@@ -42,7 +44,6 @@ log = logging.getLogger(__name__)
 # spreading each chunk's fixed work (partials, snapshots, acknowledgements) over many events
 CHUNK_BYTES = 16 * 1024 * 1024
 _loads = orjson.loads
-_dumps = orjson.dumps
 
 
 def _compact(encoded: bytes) -> bytes:
@@ -67,9 +68,23 @@ class Decoded:
     __slots__ = ("campaigns", "events", "last")
 
     def __init__(self) -> None:
-        self.events: list[tuple[dict[str, Any], int, str, bytes]] = []
+        self.events: list[tuple[dict[str, Any], int, bytes, bytes]] = []
         self.last: dict[bytes, int] = {}
-        self.campaigns: dict[str, None] = {}
+        self.campaigns: dict[bytes, None] = {}
+
+    def legacy_keys(self, rkeys: list[bytes]) -> list[bytes]:
+        """The keys these records had before record keys were collision-free."""
+        events = self.events
+        last = self.last
+        keys = []
+        for rkey in rkeys:
+            item = events[last[rkey]][0]
+            keys.append(
+                codec.legacy_record_key(
+                    item["channel"], item["campaign_id"], item.get("subscriber_id"), item["event_id"]
+                )
+            )
+        return keys
 
 
 class DedupeStage:
@@ -156,18 +171,23 @@ class DedupeStage:
             for partition, group in group_by_partition(events).items():
                 decoded = self._decode(group, partition, rejected, now)
                 rkeys = list(decoded.last)
-                reads.append(
-                    (partition, group, decoded, rkeys, self._records.read_later(partition, rkeys, group[0]))
-                )
+                reading = self._records.read_later(partition, rkeys, group[0])
+                legacy = self._records.any_key_from_later(partition, codec.LEGACY_RECORD_KEYS_FROM, group[0])
+                reads.append((partition, group, decoded, rkeys, reading, legacy))
             while reads:
-                partition, group, decoded, rkeys, reading = reads.popleft()
-                raw_records = await reading
+                partition, group, decoded, rkeys, reading, legacy = reads.popleft()
+                stored_records = dict(zip(rkeys, await reading, strict=True))
+                moved: dict[bytes, bytes] = {}
+                if await legacy:
+                    moved = await self._read_legacy(partition, group[0], decoded, stored_records)
                 records, partials, count = self._apply_partition(
-                    partition, group, decoded, dict(zip(rkeys, raw_records, strict=True)), now
+                    partition, group, decoded, stored_records, now, moved
                 )
-                del decoded, raw_records  # freed while warm, not after the acknowledgements
+                del decoded, stored_records  # freed while warm, not after the acknowledgements
                 applied += count
-                acks += await self._records.write_later(partition, records, group[0])
+                acks += await self._records.write_later(
+                    partition, records, group[0], deletes=list(set(moved.values()))
+                )
                 self._inflight.update(partials)
                 stored.append((partition, group[0], partials))
         finally:
@@ -201,11 +221,35 @@ class DedupeStage:
         snapshots = []
         for partition, _first, partials in stored:
             for pkey, (_, raw) in partials.items():
-                snapshots.append(await self.send_raw_snapshot(partition, pkey.split(b"|", 1)[1], raw))
+                snapshots.append(
+                    await self.send_raw_snapshot(partition, codec.parse_partial_key(pkey)[1], raw)
+                )
         if rejected:
             await self.dead_letters(rejected)
         for fut in snapshots:
             await fut  # the aggregator's input is acknowledged before our offsets move
+
+    async def _read_legacy(
+        self, partition: int, event: faust.types.EventT, decoded: Decoded, stored: dict[bytes, bytes | None]
+    ) -> dict[bytes, bytes]:
+        """Records not found under their key but under their legacy key (state written before
+        keys were collision-free): put into ``stored``; return record key -> legacy key, so the
+        record is written under its key and the legacy one deleted, in one batch."""
+        missing = [rkey for rkey, raw in stored.items() if raw is None]
+        if not missing:
+            return {}
+        legacy_keys = decoded.legacy_keys(missing)
+        found = await self._records.read_later(partition, legacy_keys, event)
+        moved = {}
+        for rkey, lkey, raw in zip(missing, legacy_keys, found, strict=True):
+            if raw is not None:
+                stored[rkey] = raw
+                moved[rkey] = lkey
+        if moved:
+            log.info(
+                "partition %d: %d subscriber records moved to collision-free keys", partition, len(moved)
+            )
+        return moved
 
     def _decode(self, group: list[faust.types.EventT], partition: int, rejected: list, now: float) -> Decoded:
         """Every valid event of the group, in order, with its stamp, campaign and record keys."""
@@ -236,8 +280,9 @@ class DedupeStage:
                     item = self._validated(item, index, message, partition, now, skew, rejected)
                     if item is None:
                         continue
-                ckey = f"{item['channel']}|{item['campaign_id']}"
-                rkey = f"{ckey}|{routing_key(item)}".encode()  # the partitioner's key, too
+                channel, campaign = item["channel"], item["campaign_id"]
+                ckey = campaign_key(channel, campaign)
+                rkey = record_key(channel, campaign, item.get("subscriber_id"), item["event_id"])
                 last[rkey] = len(out)
                 campaigns[ckey] = None
                 append((item, first + (index << STAMP_SHIFT), ckey, rkey))
@@ -260,13 +305,19 @@ class DedupeStage:
         decoded: Decoded,
         stored_records: dict[bytes, bytes | None],
         now: float,
+        moved: dict[bytes, bytes],
     ) -> tuple[dict[bytes, bytes], dict[bytes, tuple[Partial, bytes]], int]:
-        """Apply one partition's events; return its changed records and partials, encoded."""
+        """Apply one partition's events; return its changed records and partials, encoded.
+
+        Records in ``moved`` (found under their legacy key) are written even if unchanged.
+        """
         settings = self.settings
         windows = tuple(settings.windows)
+        sizes = list(windows)
         partials = self._load_partials(partition, decoded.campaigns, group[0])
         seqs = {ckey: partial.seq for ckey, partial in partials.items()}
-        from_json = SubscriberRecord.from_json
+        decode_record = codec.decode_record
+        encode_record = codec.encode_record
         new_record = SubscriberRecord
         # a record is decoded at its first event of the chunk and encoded and freed at its
         # last: most records see one or two events, so this happens while its objects are
@@ -274,7 +325,7 @@ class DedupeStage:
         # much as the rules themselves)
         last = decoded.last
         records: dict[bytes, SubscriberRecord] = {}
-        changed: set[bytes] = set()
+        changed: set[bytes] = set(moved)
         out_records: dict[bytes, bytes] = {}
         lateness = settings.allowed_lateness
         bot_seconds = settings.bot_click_seconds
@@ -283,32 +334,32 @@ class DedupeStage:
             record = records.get(rkey)
             if record is None:
                 raw = stored_records[rkey]
-                record = records[rkey] = from_json(_loads(raw), windows) if raw else new_record()
+                record = records[rkey] = decode_record(raw, sizes) if raw else new_record()
             partial = partials[ckey]
             if apply(event, stamp, record, partial, now, windows, lateness, bot_seconds):
                 changed.add(rkey)
             if last[rkey] == i:
                 if rkey in changed:
                     record.prune(now, retention, partial.evicted)
-                    out_records[rkey] = _compact(_dumps(record.to_json()))
+                    out_records[rkey] = _compact(encode_record(record, sizes))
                 del records[rkey]
         out_partials: dict[bytes, tuple[Partial, bytes]] = {}
         applied = 0
         for ckey, partial in partials.items():
             if partial.seq != seqs[ckey]:  # events applied, not skipped as already counted
                 applied += partial.seq - seqs[ckey]
-                partial.prune(settings.window_retention)
-                out_partials[f"{partition}|{ckey}".encode()] = (partial, _dumps(partial.to_json()))
+                partial.prune(settings.window_retention, windows)
+                out_partials[codec.partial_key(partition, ckey)] = (partial, codec.encode_partial(partial))
         return out_records, out_partials, applied
 
     def _load_partials(
-        self, partition: int, campaigns: Iterable[str], event: faust.types.EventT
-    ) -> dict[str, Partial]:
+        self, partition: int, campaigns: Iterable[bytes], event: faust.types.EventT
+    ) -> dict[bytes, Partial]:
         """The partials of these campaigns: from memory if a chunk in flight holds them, else stored."""
-        partials: dict[str, Partial] = {}
-        stored: list[tuple[str, bytes]] = []
+        partials: dict[bytes, Partial] = {}
+        stored: list[tuple[bytes, bytes]] = []
         for ckey in campaigns:
-            pkey = f"{partition}|{ckey}".encode()
+            pkey = codec.partial_key(partition, ckey)
             entry = self._inflight.get(pkey)
             if entry is None:
                 stored.append((ckey, pkey))
@@ -316,24 +367,20 @@ class DedupeStage:
                 partials[ckey] = entry[0]  # a previous chunk's, not stored yet
         raw_partials = self._partials.get_many(partition, [pkey for _, pkey in stored], event)
         for (ckey, _), raw in zip(stored, raw_partials, strict=True):
-            partials[ckey] = Partial.from_json(_loads(raw)) if raw else Partial()
+            partials[ckey] = codec.decode_partial(raw) if raw else Partial()
         return partials
 
-    async def send_raw_snapshot(self, partition: int, ckey: bytes, snapshot: bytes) -> asyncio.Future:
-        value = b'{"p":%d,"s":%s}' % (partition, snapshot)
-        return await self.partials_topic.send(key=ckey, value=value)
-
-    async def send_snapshot(self, partition: int, ckey: str, snapshot: dict[str, Any]) -> asyncio.Future:
+    async def send_raw_snapshot(self, partition: int, ckey: bytes, encoded_partial: bytes) -> asyncio.Future:
         return await self.partials_topic.send(
-            key=ckey.encode(), value=orjson.dumps({"p": partition, "s": snapshot})
+            key=ckey, value=codec.encode_snapshot(partition, encoded_partial)
         )
 
     async def resend_all(self) -> int:
         """Send every partial this worker owns again: heals a snapshot lost in a crash."""
         sent = []
         for key, value in list(self.partials.items()):
-            partition, ckey = key.decode().split("|", 1)
-            sent.append(await self.send_raw_snapshot(int(partition), ckey.encode(), value))
+            partition, ckey = codec.parse_partial_key(key)
+            sent.append(await self.send_raw_snapshot(partition, ckey, value))
         for fut in sent:
             await fut
         return len(sent)

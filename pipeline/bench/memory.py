@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
-
+from pipeline import codec
 from pipeline.bench.common import peak_rss_mib, rss_mib, write_json
-from pipeline.dedupe import Partial, SubscriberRecord, apply, stamp_of
+from pipeline.codec import Partial, SubscriberRecord
+from pipeline.dedupe import apply, stamp_of
 
 BATCH = 25_000
 PARTITIONS = 4
@@ -33,15 +33,16 @@ PARTITIONS = 4
 def record(n: int, now: int) -> tuple[bytes, bytes]:
     """Subscriber ``n``'s record after one click, in the shape the stage's own rules give it."""
     shape = _shape(now)
-    event_id = f"sendgrid:ev{n:012d}"
-    stamp = stamp_of(1, n, 0)
-    ids, unique, windows, orders, delivered = shape
-    doc = [{event_id: [stamp, *ids["first"][1:]]}, unique, windows, orders, delivered]
-    return f"email|camp-{n % 100:03d}|h:{n:032x}".encode(), orjson.dumps(doc)
+    subscriber = SubscriberRecord()
+    subscriber.ids = {f"sendgrid:ev{n:012d}": [stamp_of(1, n, 0), *shape.ids["first"][1:]]}
+    subscriber.unique, subscriber.windows = shape.unique, shape.windows
+    subscriber.orders, subscriber.delivered = shape.orders, shape.delivered
+    key = codec.record_key("email", f"camp-{n % 100:03d}", f"h:{n:032x}", "")
+    return key, codec.encode_record(subscriber, [60])
 
 
 @functools.cache
-def _shape(now: int) -> list[Any]:
+def _shape(now: int) -> SubscriberRecord:
     """A record after one e-mail click, made by :func:`pipeline.dedupe.apply` itself."""
     event = {
         "event_id": "first",
@@ -54,7 +55,7 @@ def _shape(now: int) -> list[Any]:
     }
     subscriber = SubscriberRecord()
     apply(event, stamp_of(1, 0, 0), subscriber, Partial(), now, (60,), 300)
-    return subscriber.to_json()
+    return subscriber
 
 
 def run(subscribers: int, directory: Path) -> dict[str, Any]:

@@ -12,22 +12,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import resource
 import time
 from pathlib import Path
 from typing import Any
 
 from pipeline.bench.common import peak_rss_mib, rss_mib, write_json
+from pipeline.codec import snapshot_seq
 
 
 def cpu_seconds() -> float:
     """User + system CPU time of this process so far."""
     times = os.times()
     return times.user + times.system
-
-
-SNAPSHOT_SEQ = re.compile(rb'\{"p":(\d+),"s":\{"v":\{[^}]*\},"q":(\d+)')
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,10 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         await aggregate_process(events)
         for event in events:
             # the watcher must not slow down what it watches: read only the partition and the
-            # seq of the snapshot ({"p":N,"s":{"v":{...},"q":N,...}}), not the whole document
-            found = SNAPSHOT_SEQ.match(event.value)
-            key = (event.message.key, int(found[1]))
-            q = int(found[2])
+            # seq of the snapshot, not the whole document
+            partition, q = snapshot_seq(event.value)
+            key = (event.message.key, partition)
             old = seqs.get(key, 0)
             if q > old:
                 seqs[key] = q
