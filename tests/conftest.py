@@ -33,6 +33,7 @@ class WorkerProcess:
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    code_dir: Path = ROOT  # where `python -m pipeline` finds the package (another version's, too)
 
     @property
     def url(self) -> str:
@@ -55,7 +56,7 @@ class WorkerProcess:
             stdout=open(self.log_path, "ab"),
             stderr=subprocess.STDOUT,
             env=env,
-            cwd=ROOT,
+            cwd=self.code_dir,
             start_new_session=True,
         )
         if wait:

@@ -68,7 +68,12 @@ def assert_exact(docs: dict[str, dict[str, Any]], traffic: Traffic, denominator:
             for window in windows:
                 size = window["end"] - window["start"]
                 key = f"{size}:{window['start']}"
-                assert nonzero(window["counts"]) == want["windows"].get(key, {}), (label, key)
+                assert nonzero(window["counts"]) == want["windows"].get(key, {}), (
+                    label,
+                    key,
+                    nonzero(window["counts"]),
+                    want["windows"].get(key),
+                )
                 assert rates_equal(
                     window["rates"], expected_rates(channel, want["windows"].get(key, {}), denominator)
                 )

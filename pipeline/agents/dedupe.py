@@ -29,7 +29,7 @@ from typing import Any
 import faust
 import orjson
 
-from pipeline import codec
+from pipeline import codec, failpoints
 from pipeline.agents.context import BulkTable, group_by_partition
 from pipeline.codec import Partial, SubscriberRecord, campaign_key, record_key
 from pipeline.dedupe import STAMP_SHIFT, STAMP_SPAN, apply, stamp_of
@@ -208,6 +208,7 @@ class DedupeStage:
         # records lack, not even in a changelog replayed onto an empty store
         for fut in record_acks:
             await fut
+        failpoints.reach(failpoints.AFTER_RECORDS)
         pending: list[asyncio.Future] = []
         for partition, first, partials in stored:
             pending += await self._partials.put_many(
