@@ -216,18 +216,33 @@ def check_listeners(settings: Settings) -> None:
         )
 
 
-def warn_open_endpoints(settings: Settings) -> None:
-    """Say loudly, at start, which served endpoints take requests nobody authenticated."""
+def open_endpoints(settings: Settings) -> list[str]:
+    """Served endpoints that take requests nobody authenticated, as their paths."""
     served = served_endpoints(settings)
-    if EVENTS in served and not settings.ingest_token:
-        log.warning("POST /events HAS NO TOKEN (PIPELINE_INGEST_TOKEN): it accepts events from anyone")
+    paths = ["POST /events"] if EVENTS in served and not settings.ingest_token else []
     for name, variables in provider_credentials().items():
         if name in served and not any(settings.env.get(v, "").strip() for v in variables):
+            paths.append(f"POST /webhooks/{name}")
+    return paths
+
+
+def warn_open_endpoints(settings: Settings) -> None:
+    """Say loudly, at start, which served endpoints take requests nobody authenticated."""
+    paths = open_endpoints(settings)
+    if paths and is_loopback(settings.host):
+        log.warning(
+            "NO CREDENTIALS for %s: they accept unauthenticated requests (loopback only, so from this "
+            "machine only; see README.md, Providers and Configuration)",
+            ", ".join(paths),
+        )
+    else:
+        for path in paths:  # named in PIPELINE_ALLOW_UNAUTHENTICATED: the check let them through
             log.warning(
-                "WEBHOOK /webhooks/%s HAS NO CREDENTIALS CONFIGURED: it accepts unauthenticated requests "
-                "(set %s; see README.md, Providers)",
-                name,
-                " or ".join(variables),
+                "%s HAS NO CREDENTIALS: it accepts requests from anyone who reaches %s:%s "
+                "(named in PIPELINE_ALLOW_UNAUTHENTICATED)",
+                path,
+                settings.host,
+                settings.port,
             )
     if not settings.id_salt:
         log.warning(
