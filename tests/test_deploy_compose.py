@@ -125,6 +125,12 @@ def test_compose_ships_secure(tmp_path):
         # every provider credential can be given through .env
         for variable in (*provider_users(), *(v for vs in provider_credentials().values() for v in vs)):
             assert env[variable] == f"${{{variable}:-}}", variable
+    # the secret files and .env never enter an image (BuildKit's and the classic builder's ignore files)
+    ignores = [ROOT / ".dockerignore", DEPLOY / "docker" / "Dockerfile.dockerignore"]
+    patterns = [
+        {line for line in f.read_text().splitlines() if line and not line.startswith("#")} for f in ignores
+    ]
+    assert patterns[0] == patterns[1] and {"secrets", ".env"} <= patterns[0]
     # Prometheus scrapes the admin listeners
     targets = json.loads((DEPLOY / "prometheus" / "targets" / "workers.json").read_text())[0]["targets"]
     assert targets == [
