@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from dataclasses import replace
@@ -52,9 +51,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.broker import EmbeddedBroker
+    from pipeline.security import check_listeners, load_or_create_salt
     from pipeline.worker import run_worker
 
     settings = _settings(args)
+    if not settings.id_salt:  # one process: a salt of its own, kept with its data across restarts
+        settings = replace(settings, id_salt=load_or_create_salt(settings.data_dir))
+    check_listeners(settings)  # before the embedded broker starts
     broker = None
     if not settings.broker:
         broker = EmbeddedBroker(port=args.broker_port).start()
@@ -80,12 +83,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "--wait-ready",
                 "120",
                 "--continuous",
-            ],
-            env={**os.environ, "PIPELINE_ID_SALT": settings.id_salt.decode()},
+            ],  # inherits the environment: simulate sends the ingest token it names, if any
         )
-        print(
-            f"demo traffic running: see http://127.0.0.1:{settings.port}/campaigns and /metrics", flush=True
-        )
+        admin = settings.admin_port or settings.port
+        print(f"demo traffic running: see http://127.0.0.1:{admin}/campaigns and /metrics", flush=True)
     try:
         run_worker(settings, loglevel=args.loglevel)
     finally:

@@ -289,8 +289,9 @@ def format_report(rows: Sequence[dict[str, Any]], errors: Sequence[str] = ()) ->
 
 def _urls(values: Sequence[str] | None) -> list[str]:
     urls = [u.strip() for value in values or () for u in value.split(",") if u.strip()]
-    if not urls:
-        urls = [f"http://127.0.0.1:{os.environ.get('PIPELINE_PORT', '8080')}"]
+    if not urls:  # /campaigns is on the admin listener when there is one
+        port = os.environ.get("PIPELINE_ADMIN_PORT") or os.environ.get("PIPELINE_PORT", "8080")
+        urls = [f"http://127.0.0.1:{port}"]
     return [u if "://" in u else f"http://{u}" for u in urls]
 
 
@@ -298,7 +299,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url",
         action="append",
-        help="worker base URL(s), comma-separated or repeated (default http://127.0.0.1:$PIPELINE_PORT)",
+        help="worker base URL(s), comma-separated or repeated "
+        "(default http://127.0.0.1:$PIPELINE_ADMIN_PORT, else $PIPELINE_PORT)",
     )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per worker")

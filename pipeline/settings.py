@@ -59,8 +59,18 @@ class Settings:
     max_body_bytes: int = 5 * 1024 * 1024
     max_events_per_request: int = 10_000
     max_in_flight_events: int = 200_000  # waiting for broker acks; beyond it ingest answers 503
-    ingest_token: str | None = None
-    id_salt: bytes = b""
+    # secrets: kept out of repr so that logging a Settings never shows them
+    ingest_token: str | None = field(default=None, repr=False)
+    id_salt: bytes = field(default=b"", repr=False)
+    # listeners: with an admin port, /metrics, /campaigns and /health move there and the public
+    # port serves only the ingest endpoints and /livez
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = None
+    tls_cert: Path | None = None  # both set: the public listener speaks HTTPS
+    tls_key: Path | None = None
+    header_timeout: float = 15.0  # a request head must arrive within it; idle keep-alive closes after it
+    endpoints: frozenset[str] | None = None  # public ingest endpoints served; None = all of them
+    allow_unauthenticated: frozenset[str] = frozenset()  # endpoints deliberately open beyond loopback
     batch_max: int = 2000
     batch_within: float = 0.05
     events_per_message: int = 1000
@@ -76,7 +86,9 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        env = dict(os.environ if env is None else env)
+        from pipeline.security import parse_endpoints, read_secret_files
+
+        env = read_secret_files(os.environ if env is None else env)
         get = env.get
         windows = tuple(
             sorted({_duration(w) for w in get("PIPELINE_WINDOWS", "5m,1h").split(",") if w.strip()})
@@ -110,6 +122,19 @@ class Settings:
             batch_within=float(get("PIPELINE_BATCH_WITHIN", "0.05")),
             send_timeout=float(get("PIPELINE_SEND_TIMEOUT", "10")),
             max_in_flight_events=int(get("PIPELINE_MAX_IN_FLIGHT_EVENTS", "200000")),
+            admin_host=get("PIPELINE_ADMIN_HOST") or "127.0.0.1",
+            admin_port=int(get("PIPELINE_ADMIN_PORT")) if get("PIPELINE_ADMIN_PORT") else None,
+            tls_cert=Path(get("PIPELINE_TLS_CERT")) if get("PIPELINE_TLS_CERT") else None,
+            tls_key=Path(get("PIPELINE_TLS_KEY")) if get("PIPELINE_TLS_KEY") else None,
+            header_timeout=_duration(get("PIPELINE_HEADER_TIMEOUT", "15s")),
+            endpoints=(
+                parse_endpoints(get("PIPELINE_ENDPOINTS", ""), "PIPELINE_ENDPOINTS")
+                if get("PIPELINE_ENDPOINTS") is not None
+                else None
+            ),
+            allow_unauthenticated=parse_endpoints(
+                get("PIPELINE_ALLOW_UNAUTHENTICATED", ""), "PIPELINE_ALLOW_UNAUTHENTICATED"
+            ),
             env=env,
         )
         settings.check()
@@ -124,6 +149,8 @@ class Settings:
             raise SettingsError(f"PIPELINE_WINDOWS takes at most {MAX_WINDOW_SIZES} window sizes")
         if self.partitions < 1:
             raise SettingsError("PIPELINE_PARTITIONS must be positive")
+        if self.header_timeout < 1:
+            raise SettingsError("PIPELINE_HEADER_TIMEOUT must be at least 1s")
         if self.env.get("PIPELINE_BENCHMARKS"):
             from pipeline.benchmarks import table_for_env
 

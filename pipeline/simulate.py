@@ -318,19 +318,37 @@ async def send_native(
 
 
 async def wait_ready(url: str, timeout: float) -> None:
+    """Until ``/health`` answers 200; on a public port without it (an admin listener holds it),
+    until ``/livez`` does: ingest needs the broker, not the consumer."""
     import aiohttp
 
     deadline = time.monotonic() + timeout
+    path = "/health"
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
             try:
-                async with session.get(f"{url}/health") as resp:
+                async with session.get(f"{url}{path}") as resp:
                     if resp.status == 200:
                         return
+                    if resp.status == 404 and path == "/health":
+                        path = "/livez"
+                        continue
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.5)
     raise RuntimeError(f"{url} not healthy after {timeout}s")
+
+
+def default_token() -> str | None:
+    """The token a worker started from this environment requires, if any."""
+    import os
+
+    token = os.environ.get("PIPELINE_INGEST_TOKEN", "")
+    path = os.environ.get("PIPELINE_INGEST_TOKEN_FILE", "")
+    if not token and path:
+        with open(path, encoding="utf-8") as secret:
+            token = secret.read().strip()
+    return token or None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -339,7 +357,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subscribers", type=int, default=600)
     p.add_argument("--scenario", choices=("basic", "ctr-drop"), default="basic")
     p.add_argument("--batch", type=int, default=500)
-    p.add_argument("--token", default=None, help="PIPELINE_INGEST_TOKEN of the target")
+    p.add_argument(
+        "--token",
+        default=None,
+        help="bearer token of the target's /events (default: $PIPELINE_INGEST_TOKEN or the content "
+        "of $PIPELINE_INGEST_TOKEN_FILE)",
+    )
     p.add_argument("--wait-ready", type=float, default=0, help="wait this long for /health first")
     p.add_argument("--continuous", action="store_true", help="keep sending live traffic (demo)")
     p.add_argument("--expect", default=None, help="write the expected counts to this JSON file")
@@ -382,7 +405,8 @@ def main(args: argparse.Namespace) -> int:
                 "counts follow that provider's semantics, so --expect is not written)"
             )
             return 0
-        accepted = await send(args.url, traffic.events, args.batch, args.token)
+        token = args.token or default_token()
+        accepted = await send(args.url, traffic.events, args.batch, token)
         print(
             f"sent {len(traffic.events)} events ({accepted} accepted) for {len(traffic.campaigns)} campaigns"
         )
@@ -401,7 +425,7 @@ def main(args: argparse.Namespace) -> int:
                 span=50,
                 campaign_tag=args.seed,
             )
-            await send(args.url, live.events, args.batch, args.token)
+            await send(args.url, live.events, args.batch, token)
             await asyncio.sleep(5)
         return 0
 

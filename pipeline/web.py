@@ -1,5 +1,9 @@
 """HTTP endpoints of a worker (contract section 5), on aiohttp.
 
+One listener serves everything, unless an admin port is configured: then the public listener
+serves only ``POST /events``, ``POST /webhooks/*`` and ``GET /livez``, and ``/health``,
+``/metrics`` and ``/campaigns`` answer on the admin listener only.
+
 Every handler answers with a documented status: a client can never cause a 500 (the
 middleware turns an unexpected error into a logged 500 that the tests treat as a failure).
 """
@@ -23,6 +27,7 @@ from pipeline.identity import subscriber_id
 from pipeline.ingest.producer import BrokerUnavailable, EventProducer
 from pipeline.metrics import HealthCounters
 from pipeline.rates import compute_rates, definitions
+from pipeline.security import EVENTS, served_endpoints, tls_context
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -182,15 +187,24 @@ class WebApp:
         self.consuming = consuming
         self.unsupported = unsupported
         self.diagnose = diagnose
-        self.app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[self._middleware])
-        self.app.router.add_get("/health", self.health)
-        self.app.router.add_get("/metrics", self.metrics)
-        self.app.router.add_post("/events", self.events)
-        self.app.router.add_get("/campaigns", self.campaigns)
-        self.app.router.add_get("/campaigns/{channel}/{campaign_id}", self.campaign)
+        # the public listener takes ingest; the admin listener (when configured) what is internal
+        self.app = self._application()
+        self.admin_app = self._application() if settings.admin_port is not None else self.app
+        self.app.router.add_get("/livez", self.livez)
+        if self.admin_app is not self.app:
+            self.admin_app.router.add_get("/livez", self.livez)
+        self.admin_app.router.add_get("/health", self.health)
+        self.admin_app.router.add_get("/metrics", self.metrics)
+        self.admin_app.router.add_get("/campaigns", self.campaigns)
+        self.admin_app.router.add_get("/campaigns/{channel}/{campaign_id}", self.campaign)
+        if EVENTS in served_endpoints(settings):
+            self.app.router.add_post("/events", self.events)
         if extra_routes is not None:
             extra_routes(self)
-        self._runner: web.AppRunner | None = None
+        self._runners: list[web.AppRunner] = []
+
+    def _application(self) -> web.Application:
+        return web.Application(client_max_size=self.settings.max_body_bytes, middlewares=[self._middleware])
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -213,18 +227,28 @@ class WebApp:
         return response
 
     async def start(self) -> None:
-        # idle keep-alive connections are closed after 15 s; slow bodies time out in read_body
-        self._runner = web.AppRunner(
-            self.app, access_log=None, handler_cancellation=True, keepalive_timeout=15
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.host, self.settings.port, shutdown_timeout=5.0)
-        await site.start()
-        log.info("HTTP on http://%s:%s", self.settings.host, self.settings.port)
+        settings = self.settings
+        listeners = [(self.app, settings.host, settings.port, tls_context(settings))]
+        if self.admin_app is not self.app:
+            listeners.append((self.admin_app, settings.admin_host, settings.admin_port, None))
+        for app, host, port, tls in listeners:
+            # keepalive_timeout bounds more than idle keep-alive: aiohttp arms it when a connection
+            # opens and after each response, and closes a connection that has not delivered a
+            # complete request head when it fires, however slowly bytes trickle in (slow-loris).
+            # Slow bodies time out in read_body.
+            runner = web.AppRunner(
+                app, access_log=None, handler_cancellation=True, keepalive_timeout=settings.header_timeout
+            )
+            await runner.setup()
+            self._runners.append(runner)
+            site = web.TCPSite(runner, host, port, shutdown_timeout=5.0, ssl_context=tls)
+            await site.start()
+            log.info("%s on %s", "HTTP" if app is self.app else "admin HTTP", site.name)
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
 
     async def read_body(self, request: web.Request) -> bytes:
         """The body, bounded in size (413) and in time for slow clients (408)."""
@@ -242,7 +266,13 @@ class WebApp:
         if not token:
             return True
         header = request.headers.get("Authorization", "")
-        return hmac.compare_digest(header.encode(), f"Bearer {token}".encode())
+        return hmac.compare_digest(
+            header.encode("utf-8", "surrogateescape"), f"Bearer {token}".encode("utf-8", "surrogateescape")
+        )
+
+    async def livez(self, request: web.Request) -> web.Response:
+        """Liveness: the process answers. Says nothing about campaigns or the broker."""
+        return json_response({"status": "alive"})
 
     async def health(self, request: web.Request) -> web.Response:
         ok = self.consuming()

@@ -16,6 +16,7 @@ from pipeline.diagnosis import diagnose_view
 from pipeline.ingest.producer import EventProducer
 from pipeline.ingest.webhooks import add_webhook_routes, unsupported_for_sources
 from pipeline.metrics import FunnelCollector, HealthCounters, LagCollector
+from pipeline.security import check_listeners, warn_open_endpoints
 from pipeline.settings import Settings
 from pipeline.topics import PARTIALS_TOPIC, RAW_TOPICS
 from pipeline.web import IngestService, WebApp
@@ -63,6 +64,8 @@ def consumer_lag(app: faust.App) -> dict[tuple[str, int], int]:
 
 
 def build_worker(settings: Settings) -> tuple[Pipeline, HttpService]:
+    check_listeners(settings)  # before anything starts: a refused start leaves nothing behind
+    warn_open_endpoints(settings)
     pipeline = create_pipeline(settings)
     registry = CollectorRegistry(auto_describe=False)
     counters = HealthCounters(registry)

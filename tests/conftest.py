@@ -34,10 +34,19 @@ class WorkerProcess:
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     code_dir: Path = ROOT  # where `python -m pipeline` finds the package (another version's, too)
+    admin_port: int | None = None  # set: /health, /metrics and /campaigns answer there only
+    command: tuple[str, ...] = ("worker",)
+    unset: tuple[str, ...] = ()  # variables of the default environment to leave out
+    scheme: str = "http"  # "https" when the worker is given a certificate
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        """Where /health, /metrics and /campaigns answer."""
+        return f"http://127.0.0.1:{self.admin_port}" if self.admin_port else self.url
 
     def start(self, wait: bool = True, timeout: float = 90.0) -> WorkerProcess:
         self.log_path = self.data_dir / f"worker-{self.port}.log"
@@ -49,10 +58,13 @@ class WorkerProcess:
             "PIPELINE_DATA_DIR": str(self.data_dir / f"state-{self.port}"),
             "PIPELINE_IDEMPOTENT_PRODUCER": "false",
             "PIPELINE_ID_SALT": "test-salt",
+            **({"PIPELINE_ADMIN_PORT": str(self.admin_port)} if self.admin_port else {}),
             **self.env,
         }
+        for name in self.unset:
+            env.pop(name, None)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "worker", "--loglevel", "warning"],
+            [sys.executable, "-m", "pipeline", *self.command, "--loglevel", "warning"],
             stdout=open(self.log_path, "ab"),
             stderr=subprocess.STDOUT,
             env=env,
@@ -70,7 +82,7 @@ class WorkerProcess:
             if self.process.poll() is not None:
                 raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{self.admin_url}/health", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

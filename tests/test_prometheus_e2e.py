@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+from conftest import WorkerProcess
 from deploy_helpers import DEPLOY, dashboard_queries, require_tool
 
 from pipeline.broker import free_port
@@ -37,8 +38,11 @@ def start_prometheus(tmp_path: Path, targets: list[str]) -> tuple[subprocess.Pop
     return process, f"http://127.0.0.1:{port}"
 
 
-def test_ctr_drop_alert_fires_through_real_prometheus(worker, tmp_path):
-    prometheus, prom_url = start_prometheus(tmp_path, [f"127.0.0.1:{worker.port}"])
+def test_ctr_drop_alert_fires_through_real_prometheus(broker, tmp_path, workers):
+    # laid out as deployed: ingest on the public port, Prometheus scrapes the admin listener
+    worker = WorkerProcess(broker.address, tmp_path, admin_port=free_port()).start()
+    workers.append(worker)
+    prometheus, prom_url = start_prometheus(tmp_path, [f"127.0.0.1:{worker.admin_port}"])
     try:
         sim = subprocess.run(
             [
