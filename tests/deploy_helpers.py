@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import shutil
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-DASHBOARDS = DEPLOY / "grafana" / "dashboards"
+GRAFANA = DEPLOY / "grafana"
+DASHBOARDS = GRAFANA / "dashboards"
 
 # Template variables and the value each takes when a query is run outside Grafana.
 TEMPLATE_VALUES = {
@@ -36,7 +39,8 @@ def substitute(expr: str) -> str:
     return re.sub(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)", repl, expr)
 
 
-def _panels(model: dict):
+def panels(model: dict):
+    """Every panel of a dashboard, those inside (collapsed) rows included."""
     for panel in model.get("panels", []):
         yield panel
         yield from panel.get("panels", [])
@@ -47,7 +51,7 @@ def dashboard_targets() -> list[tuple[str, str, str]]:
     out = []
     for path in sorted(DASHBOARDS.glob("*.json")):
         model = json.loads(path.read_text())
-        for panel in _panels(model):
+        for panel in panels(model):
             for target in panel.get("targets", []):
                 if "expr" in target:
                     out.append((path.name, panel.get("title", ""), target["expr"]))
@@ -80,3 +84,12 @@ def require_tool(name: str) -> str:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+def dashboard_generator() -> ModuleType:
+    """deploy/grafana/generate.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("dashboard_generator", GRAFANA / "generate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,10 +1,11 @@
 """A real Prometheus (Debian's binary) scrapes a running pipeline with the project's own
 configuration and rules; `pipeline simulate --scenario ctr-drop` makes FunnelCTRDrop fire.
-Every dashboard panel's query then runs against that Prometheus without error."""
+Every dashboard panel's query then runs against that Prometheus and returns data."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import httpx
 from conftest import WorkerProcess
-from deploy_helpers import DEPLOY, dashboard_queries, require_tool
+from deploy_helpers import DEPLOY, dashboard_queries, require_tool, substitute, variable_queries
 
 from pipeline.broker import free_port
 
@@ -38,12 +39,37 @@ def start_prometheus(tmp_path: Path, targets: list[str]) -> tuple[subprocess.Pop
     return process, f"http://127.0.0.1:{port}"
 
 
-def test_ctr_drop_alert_fires_through_real_prometheus(broker, tmp_path, workers):
+# Besides the simulated traffic, the error paths the health dashboard shows: canonical events
+# that fail validation (rejected and dead-lettered) and webhooks without a valid signature.
+BAD_EVENTS = [{"event_id": "bad-1", "type": "no-such-type"}, {"campaign_id": "no-event-id"}]
+UNSIGNED_WEBHOOKS = 3
+
+
+def send_bad_traffic(worker: WorkerProcess) -> None:
+    resp = httpx.post(f"{worker.url}/events", json=BAD_EVENTS, timeout=30)
+    assert resp.status_code == 400, resp.text  # nothing in the batch was valid
+    assert resp.json()["accepted"] == 0
+    assert len(resp.json()["rejected"]) == len(BAD_EVENTS)
+    for _ in range(UNSIGNED_WEBHOOKS):
+        resp = httpx.post(f"{worker.url}/webhooks/mailgun", json={"event-data": {}}, timeout=30)
+        assert resp.status_code in (401, 403), resp.text
+
+
+def query(prom_url: str, expr: str) -> list[dict]:
+    resp = httpx.get(f"{prom_url}/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert resp["status"] == "success", (expr, resp)
+    return resp["data"]["result"]
+
+
+def test_ctr_drop_alert_fires_through_real_prometheus(broker, workers, tmp_path):
     # laid out as deployed: ingest on the public port, Prometheus scrapes the admin listener
-    worker = WorkerProcess(broker.address, tmp_path, admin_port=free_port()).start()
-    workers.append(worker)
+    worker = WorkerProcess(
+        broker.address, tmp_path, admin_port=free_port(), env={"MAILGUN_WEBHOOK_SIGNING_KEY": "e2e-key"}
+    )
+    workers.append(worker.start())
     prometheus, prom_url = start_prometheus(tmp_path, [f"127.0.0.1:{worker.admin_port}"])
     try:
+        send_bad_traffic(worker)
         sim = subprocess.run(
             [
                 sys.executable,
@@ -86,14 +112,30 @@ def test_ctr_drop_alert_fires_through_real_prometheus(broker, tmp_path, workers)
         assert "CTR dropped on email campaign newsletter-5-0" in alert["annotations"]["summary"]
         assert "bottleneck" in alert["annotations"]["summary"]
 
-        # every dashboard query is valid PromQL against this Prometheus, and the funnel ones have data
-        for query in dashboard_queries():
-            resp = httpx.get(f"{prom_url}/api/v1/query", params={"query": query}, timeout=10).json()
-            assert resp["status"] == "success", (query, resp)
-        rate = httpx.get(
-            f"{prom_url}/api/v1/query", params={"query": "channel_campaign:funnel_ctr:ratio"}
-        ).json()
-        assert rate["data"]["result"], "recording rules produced nothing"
+        # every dashboard query is valid PromQL against this Prometheus and has data to show
+        empty = [expr for expr in dashboard_queries() if not query(prom_url, expr)]
+        assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+        # the variables' label_values(selector, label) queries, as the label-values API calls
+        # Grafana's Prometheus data source makes for them, offer the campaigns' channels and ids
+        offered = {}
+        for var_query in variable_queries():
+            match = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", var_query)
+            assert match, var_query
+            selector, label = substitute(match.group(1)), match.group(2)
+            resp = httpx.get(
+                f"{prom_url}/api/v1/label/{label}/values", params={"match[]": selector}, timeout=10
+            ).json()
+            assert resp["status"] == "success", (var_query, resp)
+            offered.setdefault(label, set()).update(resp["data"])
+        assert offered["channel"] == {"ads", "email"}
+        assert "newsletter-5-0" in offered["campaign"]
+        # and the error panels count exactly the bad traffic sent
+        for expr, expected in (
+            ("sum(pipeline_events_rejected_total)", len(BAD_EVENTS)),
+            ("sum(pipeline_dead_lettered_total)", len(BAD_EVENTS)),
+            ('sum(pipeline_webhook_signature_failures_total{provider="mailgun"})', UNSIGNED_WEBHOOKS),
+        ):
+            assert [float(r["value"][1]) for r in query(prom_url, expr)] == [expected], expr
     finally:
         prometheus.terminate()
         prometheus.wait(10)

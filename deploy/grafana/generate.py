@@ -509,9 +509,24 @@ def _assign_ids(model: dict) -> dict:
     return model
 
 
+# Fields only an interval variable has ("auto" option, its minimum and step count). The SDK's
+# variable model gives every variable their defaults; Grafana's published dashboard types
+# (@grafana/schema) do not have them on a variable, and Grafana itself writes them only for interval
+# variables, so they are dropped from every other kind (see deploy/grafana/schema-check/).
+INTERVAL_ONLY_FIELDS = ("auto", "auto_min", "auto_count")
+
+
+def drop_interval_only_fields(model: dict) -> dict:
+    for variable in model.get("templating", {}).get("list", []):
+        if variable.get("type") != "interval":
+            for field in INTERVAL_ONLY_FIELDS:
+                variable.pop(field, None)
+    return model
+
+
 def render(builder) -> str:
     model = json.loads(json.dumps(builder().build(), cls=JSONEncoder))
-    model = _assign_ids(model)
+    model = drop_interval_only_fields(_assign_ids(model))
     return json.dumps(model, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
