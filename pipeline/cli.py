@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 from pipeline.settings import Settings, SettingsError
 
 log = logging.getLogger("pipeline")
+BROKER_HELP = "Kafka: host:port[,host:port...], kafka:// in front allowed (PIPELINE_BROKER)"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -26,14 +26,22 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from pipeline.broker import EmbeddedBroker
+    from pipeline.broker import EmbeddedBroker, stop_signals_caught, wait_for_stop_signal
 
-    broker = EmbeddedBroker(port=args.port, storage=args.storage).start()
-    print(f"embedded broker (Tansu) on {broker.address}, storage {args.storage}; Ctrl-C stops it", flush=True)
-    try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    finally:
-        broker.stop()
+    with stop_signals_caught() as stop:
+        broker = EmbeddedBroker(port=args.port, storage=args.storage).start()
+        process = broker.process
+        assert process is not None
+        try:
+            print(
+                f"embedded broker (Tansu) on {broker.address}, storage {args.storage}; Ctrl-C stops it",
+                flush=True,
+            )
+            if not wait_for_stop_signal(stop, lambda: process.poll() is None):
+                print(f"the embedded broker exited on its own (code {process.returncode})", file=sys.stderr)
+                return 1
+        finally:
+            broker.stop()
     return 0
 
 
@@ -148,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="everything in one process; embedded broker when none is configured")
     worker_args(run)
-    run.add_argument("--broker", default=None, help="host:port of Kafka (PIPELINE_BROKER)")
+    run.add_argument("--broker", default=None, help=BROKER_HELP)
     run.add_argument("--broker-port", type=int, default=None, help="port of the embedded broker")
     run.add_argument("--demo", action="store_true", help="also send continuous demo traffic")
     run.set_defaults(func=cmd_run)
@@ -160,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="one stream worker with its web endpoints")
     worker_args(worker)
-    worker.add_argument("--broker", default=None, help="host:port of Kafka (PIPELINE_BROKER)")
+    worker.add_argument("--broker", default=None, help=BROKER_HELP)
     worker.set_defaults(func=cmd_worker)
 
     bench = sub.add_parser("bench", help="throughput, latency and memory side by side on the embedded broker")

@@ -46,7 +46,6 @@ class WorkerProcess:
             "PIPELINE_BROKER": self.broker,
             "PIPELINE_PORT": str(self.port),
             "PIPELINE_DATA_DIR": str(self.data_dir / f"state-{self.port}"),
-            "PIPELINE_IDEMPOTENT_PRODUCER": "false",
             "PIPELINE_ID_SALT": "test-salt",
             **self.env,
         }
