@@ -45,6 +45,36 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kafka(args: argparse.Namespace) -> int:
+    from pipeline.broker import stop_signals_caught, wait_for_stop_signal
+    from pipeline.kafka import KafkaCluster, KafkaError, fetch_jars
+
+    try:
+        if args.fetch_only:
+            print(fetch_jars(args.version, quiet=False))
+            return 0
+        with stop_signals_caught() as stop:
+            cluster = KafkaCluster(Path(args.dir), args.brokers, args.version, args.port, args.heap)
+            cluster.start()
+            try:
+                print(
+                    f"Apache Kafka {args.version}, {args.brokers} node(s), KRaft, data in {cluster.directory}"
+                )
+                print(f"PIPELINE_BROKER={cluster.bootstrap}\nCtrl-C stops it", flush=True)
+                if not wait_for_stop_signal(stop, lambda: all(node.running for node in cluster.nodes)):
+                    gone = [node.node_id for node in cluster.nodes if not node.running]
+                    print(
+                        f"Kafka node(s) {gone} exited on their own, see {cluster.directory}", file=sys.stderr
+                    )
+                    return 1
+            finally:
+                cluster.stop()
+    except KafkaError as exc:
+        print(f"pipeline kafka: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from pipeline.worker import run_worker
 
@@ -165,6 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--port", type=int, default=9092)
     broker.add_argument("--storage", default="memory://tansu/", help="memory://tansu/ or s3://bucket/")
     broker.set_defaults(func=cmd_broker)
+
+    from pipeline.kafka import HEAP, KAFKA_VERSION, TESTED_VERSIONS
+
+    kafka = sub.add_parser("kafka", help="Apache Kafka on loopback (KRaft, jars from Maven Central)")
+    kafka.add_argument("--brokers", type=int, default=1, choices=(1, 3), help="one node, or a 3-node cluster")
+    kafka.add_argument("--port", type=int, default=9092, help="client port of node 1; node n takes port+n-1")
+    kafka.add_argument("--dir", default="./data/kafka", help="data folder (kept between runs)")
+    tested = ", ".join(TESTED_VERSIONS)
+    kafka.add_argument("--version", default=KAFKA_VERSION, help=f"Apache Kafka version (tested: {tested})")
+    kafka.add_argument("--heap", default=HEAP, help="JVM heap of each node")
+    kafka.add_argument("--fetch-only", action="store_true", help="fetch the jars, print their folder, exit")
+    kafka.set_defaults(func=cmd_kafka)
 
     worker = sub.add_parser("worker", help="one stream worker with its web endpoints")
     worker_args(worker)
