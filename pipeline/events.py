@@ -1,7 +1,9 @@
 """Canonical events: parsing request bodies and validating against ``schemas/``.
 
-The JSON Schema file is the contract; the validator is compiled from it once at import
-(fastjsonschema generates Python code from the schema), so nothing here restates a field rule.
+The JSON Schema file is the contract: ``schemas/`` at the top of the repository is the source,
+and ``pipeline/schemas`` is a link to it, so the built package carries that very file. The
+validator is compiled from it once at import (fastjsonschema generates Python code from the
+schema), so nothing here restates a field rule.
 What the schema cannot say (a timestamp too far in the future, normalising an RFC 3339 time to
 epoch seconds) is checked after it.
 """
@@ -9,17 +11,15 @@ epoch seconds) is checked after it.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable
 from datetime import datetime
-from pathlib import Path
+from importlib.resources import files
 from typing import Any
 
 import fastjsonschema
 import orjson
 
-SCHEMA_DIR = Path(os.environ.get("PIPELINE_SCHEMA_DIR", Path(__file__).resolve().parent.parent / "schemas"))
-EVENT_SCHEMA_PATH = SCHEMA_DIR / "event.schema.json"
+EVENT_SCHEMA_PATH = files("pipeline") / "schemas" / "event.schema.json"
 EVENT_SCHEMA: dict[str, Any] = orjson.loads(EVENT_SCHEMA_PATH.read_bytes())
 EVENT_TYPES: tuple[str, ...] = tuple(EVENT_SCHEMA["properties"]["type"]["enum"])
 CHANNELS: tuple[str, ...] = tuple(EVENT_SCHEMA["properties"]["channel"]["enum"])

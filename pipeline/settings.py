@@ -6,6 +6,7 @@ Defaults are safe for a laptop: loopback only, the embedded broker, windows of 5
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +31,42 @@ def _duration(text: str) -> int:
         raise SettingsError(f"not a duration: {text!r}") from exc
 
 
+_HOST_PORT = re.compile(r"(?P<host>[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?):(?P<port>[0-9]{1,5})")
+BROKER_FORMS = (
+    "host:port, a comma-separated list of them, or the same with kafka:// in front (kafka://k1:9092,k2:9092)"
+)
+
+
+def broker_servers(url: str) -> str:
+    """The bootstrap list ``host:port,host:port`` of a broker URL, or :class:`SettingsError`.
+
+    Accepted: ``host:port``, a comma-separated list of them, and either with Faust's
+    ``kafka://`` in front of the list or of each item. Anything else (another scheme, a path,
+    a missing port) would otherwise surface much later as a worker that cannot bootstrap.
+    """
+    servers = []
+    for raw in url.split(","):
+        item = raw.strip()
+        if item[:8].lower() == "kafka://":
+            item = item[8:]
+        item = item.removesuffix("/")
+        match = _HOST_PORT.fullmatch(item)
+        if match is None or not 0 < int(match["port"]) < 65536:
+            shown = "<credentials>@" + item.rsplit("@", 1)[1] if "@" in item else item
+            scheme = item.split("://", 1)[0] if "://" in item else None
+            if scheme is not None and scheme.lower() == "kafka":
+                problem = "kafka:// is given twice"
+            elif scheme is not None:
+                problem = f"scheme {scheme!r} is not supported (plain TCP, kafka:// only)"
+            elif not item:
+                problem = "an entry is empty"
+            else:
+                problem = f"{shown!r} is not host:port"
+            raise SettingsError(f"broker URL (PIPELINE_BROKER, --broker): {problem}; expected {BROKER_FORMS}")
+        servers.append(item)
+    return ",".join(servers)
+
+
 def window_label(seconds: int) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds % size == 0:
@@ -39,12 +76,12 @@ def window_label(seconds: int) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    broker: str | None = None  # host:port list; None = start the embedded broker
+    broker: str | None = None  # host:port,... (see broker_servers); None = start the embedded broker
     port: int = 8080
     host: str = "127.0.0.1"
     partitions: int = 4
     replication: int = 1
-    idempotent_producer: bool = True  # off for the embedded broker (Tansu rejects InitProducerId)
+    idempotent_producer: bool = True  # falls back when the broker rejects InitProducerId (Tansu)
     data_dir: Path = Path("./data")
     app_id: str = "funnel"
     store: str = "rocksdb://"
@@ -76,6 +113,10 @@ class Settings:
     events_per_message: int = 1000
     send_timeout: float = 10.0
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.broker is not None:  # every way in (environment, --broker, replace()) is checked
+            object.__setattr__(self, "broker", broker_servers(self.broker))
 
     @property
     def window_labels(self) -> dict[int, str]:

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from pipeline.aggregate import CampaignView
 from pipeline.app import Pipeline, create_pipeline
 from pipeline.broker import read_true_highwaters
+from pipeline.declare import TopicsError, declare_pipeline_topics
 from pipeline.diagnosis import diagnose_view
 from pipeline.ingest.producer import EventProducer
 from pipeline.ingest.webhooks import add_webhook_routes, unsupported_for_sources
@@ -94,5 +95,11 @@ def build_worker(settings: Settings) -> tuple[Pipeline, HttpService]:
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
     """Run until interrupted (SIGINT/SIGTERM stop it cleanly)."""
     pipeline, http = build_worker(settings)
+    try:
+        declare_pipeline_topics(
+            settings.broker or "", pipeline.topics, settings.partitions, settings.replication
+        )
+    except TopicsError as exc:
+        raise SystemExit(f"the worker cannot start: {exc}") from exc
     worker = faust.Worker(pipeline.app, http, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -1,4 +1,9 @@
-"""Fixtures that start real parts: the embedded broker (Tansu over TCP) and worker processes."""
+"""Fixtures that start real parts: a broker over TCP (the embedded Tansu, or Apache Kafka from
+its jars) and worker processes.
+
+A test marked ``@pytest.mark.brokers("tansu", "kafka")`` runs once per broker kind: ``kafka``
+is a single Apache Kafka node of the default version (:data:`pipeline.kafka.KAFKA_VERSION`),
+``kafka-<version>`` another version. Unmarked tests get Tansu."""
 
 from __future__ import annotations
 
@@ -15,14 +20,38 @@ import httpx
 import pytest
 
 from pipeline.broker import EmbeddedBroker, free_port
+from pipeline.kafka import KAFKA_VERSION, KafkaCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "brokers(*kinds): run once per broker kind (tansu, kafka, kafka-<version>)"
+    )
+    config.addinivalue_line("markers", "slow: a 3-broker Apache Kafka cluster test (minutes; CI runs it)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("brokers")
+    if marker is not None and "broker_kind" in metafunc.fixturenames:
+        metafunc.parametrize("broker_kind", marker.args)
+
+
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker(log_path=tmp_path / "broker.log") as running:
-        yield running
+def broker_kind() -> str:
+    return "tansu"
+
+
+@pytest.fixture
+def broker(broker_kind: str, tmp_path: Path) -> Iterator[EmbeddedBroker | KafkaCluster]:
+    if broker_kind == "tansu":
+        with EmbeddedBroker(log_path=tmp_path / "broker.log") as running:
+            yield running
+    else:
+        version = broker_kind.partition("-")[2] or KAFKA_VERSION
+        with KafkaCluster(tmp_path / "kafka", brokers=1, version=version) as cluster:
+            yield cluster
 
 
 @dataclass
@@ -56,7 +85,6 @@ class WorkerProcess:
             "PIPELINE_BROKER": self.broker,
             "PIPELINE_PORT": str(self.port),
             "PIPELINE_DATA_DIR": str(self.data_dir / f"state-{self.port}"),
-            "PIPELINE_IDEMPOTENT_PRODUCER": "false",
             "PIPELINE_ID_SALT": "test-salt",
             **({"PIPELINE_ADMIN_PORT": str(self.admin_port)} if self.admin_port else {}),
             **self.env,

@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import math
 
+import pytest
 from helpers import assert_exact, scrape, wait_for_counts
 
 from pipeline.simulate import expected_rates, generate, send
+
+pytestmark = pytest.mark.brokers("tansu", "kafka", "kafka-3.9.1")
 
 
 def test_ground_truth_end_to_end(worker):

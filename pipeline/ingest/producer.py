@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import KafkaError, NoError, for_code
+from aiokafka.protocol.transaction import InitProducerIdRequest
 
 from pipeline.events import routing_key
 from pipeline.settings import Settings
@@ -37,16 +40,65 @@ class EventProducer:
         self._partitions: dict[str, int] = {}
         self._lock = asyncio.Lock()
         self.healthy = False  # the last exchange with the broker succeeded
+        self.idempotent: bool | None = None  # decided once, at the first connection
+
+    async def _broker_gives_producer_ids(self) -> bool:
+        """Ask the broker once for a producer id, as the idempotent producer would.
+
+        Apache Kafka answers with an id. The embedded broker (Tansu) answers UnknownError; an
+        idempotent producer would then retry InitProducerId forever and every send would time
+        out, so ingest falls back to a plain producer (acks=all still) and says so once.
+        Retriable answers (a coordinator still loading) are retried until the send timeout.
+        """
+        client = AIOKafkaClient(
+            bootstrap_servers=self.settings.broker,
+            request_timeout_ms=int(self.settings.send_timeout * 1000),
+        )
+        deadline = time.monotonic() + self.settings.send_timeout
+        try:
+            await asyncio.wait_for(client.bootstrap(), self.settings.send_timeout)
+            while True:
+                try:
+                    response = await client.send(
+                        client.get_random_node(), InitProducerIdRequest(None, 60_000)
+                    )
+                    error = for_code(response.error_code)
+                except KafkaError as exc:
+                    error = type(exc)
+                if error is NoError:
+                    return True
+                if not error.retriable:
+                    break
+                if time.monotonic() > deadline:
+                    raise BrokerUnavailable(f"no producer id from the broker: {error.__name__}")
+                await asyncio.sleep(0.2)
+        except (TimeoutError, KafkaError, OSError) as exc:
+            raise BrokerUnavailable(f"broker not reachable: {exc.__class__.__name__}") from exc
+        finally:
+            await client.close()
+        log.warning(
+            "the broker at %s does not give out producer ids (InitProducerId answered %s): ingest "
+            "uses a non-idempotent producer (acks=all; a send retried after a lost "
+            "acknowledgement can store an event twice, and the event-id dedupe drops the copy). "
+            "PIPELINE_IDEMPOTENT_PRODUCER=false chooses this without asking the broker.",
+            self.settings.broker,
+            error.__name__,
+        )
+        return False
 
     async def _ensure(self) -> AIOKafkaProducer:
         if self._producer is not None:
             return self._producer
         async with self._lock:
             if self._producer is None:
+                if self.idempotent is None:
+                    self.idempotent = self.settings.idempotent_producer and (
+                        await self._broker_gives_producer_ids()
+                    )
                 producer = AIOKafkaProducer(
                     bootstrap_servers=self.settings.broker,
                     acks="all",
-                    enable_idempotence=self.settings.idempotent_producer,
+                    enable_idempotence=self.idempotent,
                     linger_ms=2,
                     max_batch_size=1024 * 1024,
                     max_request_size=4 * 1024 * 1024,

@@ -1,0 +1,139 @@
+"""What users install is the built wheel, not the checkout: build it, install it into a fresh
+virtual environment (its pinned dependencies from pip's cache), and run it from outside the
+checkout, so nothing it reads at run time can come from the source tree."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pipeline.broker import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+EVENT = {
+    "event_id": "w-1",
+    "type": "click",
+    "channel": "ads",
+    "campaign_id": "from-the-wheel",
+    "subscriber_id": "s1",
+    "timestamp": 1_700_000_000,
+}
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(the wheel, the virtual environment it is installed in)."""
+    work = tmp_path_factory.mktemp("package")
+    # from a copy without build/: setuptools builds in place and would reuse files a previous
+    # build left there, so a file missing from the package could still reach the wheel
+    source = work / "source"
+    skipped = (".git", ".venv", "build", "*.egg-info", "data", "__pycache__", ".*cache")
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(*skipped))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q", "-w", str(work / "dist")],
+        check=True,
+        cwd=work,
+    )
+    (wheel,) = (work / "dist").glob("funnel_pipeline-*.whl")
+    venv = work / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, cwd=work)
+    return wheel, venv
+
+
+def outside_env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return {**env, "PIPELINE_DATA_DIR": str(tmp / "data"), "PIPELINE_ID_SALT": "wheel-test"}
+
+
+def test_wheel_carries_the_schema_of_schemas_byte_for_byte(installed: tuple[Path, Path]) -> None:
+    wheel, _ = installed
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = archive.read("pipeline/schemas/event.schema.json")
+    assert shipped == (ROOT / "schemas" / "event.schema.json").read_bytes()
+
+
+def test_installed_package_validates_and_answers_help_outside_the_checkout(
+    installed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, venv = installed
+    script = (
+        "import json, sys, pipeline, pipeline.events as e; "
+        f"event = e.validate_event({EVENT!r}, 1_700_000_100, 300); "
+        "print(json.dumps({'file': pipeline.__file__, 'schema': str(e.EVENT_SCHEMA_PATH), 'event': event}))"
+    )
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", script],
+        cwd=tmp_path,
+        env=outside_env(tmp_path),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(out.stdout)
+    assert result["file"].startswith(str(venv)), result
+    assert result["schema"].startswith(str(venv)), result
+    assert result["event"]["campaign_id"] == "from-the-wheel"
+    helped = subprocess.run(
+        [str(venv / "bin" / "pipeline"), "--help"],
+        cwd=tmp_path,
+        env=outside_env(tmp_path),
+        capture_output=True,
+        text=True,
+    )
+    assert helped.returncode == 0, helped.stderr
+    for command in ("run", "broker", "worker", "simulate", "bench", "report"):
+        assert command in helped.stdout
+
+
+def test_installed_pipeline_run_ingests_and_counts(installed: tuple[Path, Path], tmp_path: Path) -> None:
+    """`pipeline run` from the wheel: embedded broker, worker, ingest, counts; SIGTERM stops all."""
+    _, venv = installed
+    port, broker_port = free_port(), free_port()
+    log = tmp_path / "run.log"
+    process = subprocess.Popen(
+        [str(venv / "bin" / "pipeline"), "run", "--port", str(port), "--broker-port", str(broker_port)],
+        cwd=tmp_path,
+        env=outside_env(tmp_path),
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        resp = httpx.post(f"{url}/events", json=[EVENT, {**EVENT, "type": "nope"}], timeout=30)
+        assert resp.status_code == 202, resp.text
+        assert resp.json() == {"accepted": 1, "rejected": [{"index": 1, "reason": "unknown_type"}]}
+        while True:
+            doc = httpx.get(f"{url}/campaigns/ads/from-the-wheel", timeout=5)
+            if doc.status_code == 200 and doc.json()["counts"]["click"] == 1:
+                break
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
