@@ -13,6 +13,7 @@ import asyncio
 import math
 from typing import Any
 
+import pytest
 from helpers import assert_exact, scrape, wait_for_counts
 
 from pipeline.events import EVENT_SCHEMA
@@ -45,6 +46,7 @@ def renamed(traffic: Traffic, campaigns: dict[str, str], subscriber: Any, event_
     return Traffic(events, truth, [(ch, campaigns[c]) for ch, c in traffic.campaigns])
 
 
+@pytest.mark.brokers("tansu", "kafka")
 def test_ids_with_separators_quotes_unicode_and_maximum_length(worker):
     traffic = generate(seed=23, subscribers=800, email_campaigns=2, ads_campaigns=2, campaign_tag=23)
     names = [campaign for _, campaign in traffic.campaigns]  # email 0, email 1, ads 0, ads 1

@@ -48,7 +48,10 @@ def checkout(commit: str, dest: Path) -> Path:
 def test_state_of_the_unversioned_format_is_upgraded(broker, tmp_path, workers):
     traffic = generate(seed=31, subscribers=900)
     old = WorkerProcess(
-        broker.address, tmp_path, code_dir=checkout(UNVERSIONED_FORMATS_COMMIT, tmp_path / "old")
+        broker.address,
+        tmp_path,
+        code_dir=checkout(UNVERSIONED_FORMATS_COMMIT, tmp_path / "old"),
+        env={"PIPELINE_IDEMPOTENT_PRODUCER": "false"},  # that version needed telling (Tansu)
     )
     workers.append(old.start())
     assert asyncio.run(send(old.url, traffic.events, batch=250)) == len(traffic.events)
