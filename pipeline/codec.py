@@ -173,7 +173,7 @@ class SubscriberRecord:
     record, and that cost is per object.
     """
 
-    __slots__ = ("delivered", "ids", "orders", "unique", "windows")
+    __slots__ = ("delivered", "ids", "orders", "sizes", "unique", "windows")
 
     def __init__(self) -> None:
         self.ids: dict[str, list[int]] = {}
@@ -181,6 +181,9 @@ class SubscriberRecord:
         self.windows: dict[str, int] = {}
         self.orders: dict[str, Stamp] = {}
         self.delivered: float | None = None
+        # the window sizes its words' bits refer to: the configured ones, then sizes removed
+        # from the configuration whose bits are kept (None: the configured ones)
+        self.sizes: list[int] | None = None
 
     def prune(self, now: float, retention: float, evicted: dict[str, int]) -> None:
         """Forget event ids past the redelivery horizon and flags of windows closed for good."""
@@ -199,27 +202,34 @@ class SubscriberRecord:
 
 
 def encode_record(record: SubscriberRecord, sizes: list[int]) -> bytes:
-    """``[3, sizes, ids, unique, windows, orders, delivered]``; ``sizes`` as a list (the
-    configured window sizes, which the record's words refer to once decoded)."""
+    """``[3, sizes, ids, unique, windows, orders, delivered]``: ``sizes`` are the record's own
+    (:attr:`SubscriberRecord.sizes`), else the configured ``sizes`` given here."""
+    own = record.sizes if record.sizes is not None else sizes
     return _dumps(
-        [RECORD_FORMAT, sizes, record.ids, record.unique, record.windows, record.orders, record.delivered]
+        [RECORD_FORMAT, own, record.ids, record.unique, record.windows, record.orders, record.delivered]
     )
 
 
 def decode_record(raw: bytes, sizes: list[int]) -> SubscriberRecord:
-    """A stored record, its words referring to ``sizes`` (the configured window sizes).
+    """A stored record whose words' bit ``i`` refers to ``sizes[i]`` (the configured sizes).
 
-    A record written under other sizes is remapped: bits of a size no longer configured are
-    dropped (with the record's flags of its windows), and every event id gets the *undecided*
-    bit of each size added since, so a replay of that event decides it then, exactly once.
+    A record written under other sizes is remapped to the configured sizes followed by the
+    stored sizes no longer configured: bits of a removed size are kept (at the end, where the
+    rules do not read them), so a size removed and added again finds what its events
+    decided and gained; every event id gets the *undecided* bit of each size new to the
+    record, so a replay of that event decides it then, exactly once. Flags per window are
+    kept whatever the sizes: they are dropped only as their windows close.
     """
     doc = _loads(raw)
     record = SubscriberRecord.__new__(SubscriberRecord)  # no empty containers only to be replaced
     if type(doc) is list and doc and doc[0] == RECORD_FORMAT:
-        _, stored_sizes, record.ids, record.unique, record.windows, record.orders, record.delivered = doc
-        if stored_sizes != sizes:
-            _remap_sizes(record, stored_sizes, sizes)
+        _, stored, record.ids, record.unique, record.windows, record.orders, record.delivered = doc
+        if stored[: len(sizes)] == sizes:  # sizes removed from the end only: nothing moves
+            record.sizes = stored
+        else:
+            record.sizes = _remap_sizes(record, stored, sizes)
         return record
+    record.sizes = None
     if type(doc) is list and len(doc) == 5 and type(doc[0]) is dict:
         # format 2: the same without format number and sizes (written under today's sizes:
         # changing them needed a clean stop then)
@@ -233,10 +243,13 @@ def decode_record(raw: bytes, sizes: list[int]) -> SubscriberRecord:
     raise FormatError(f"unknown subscriber record format: {raw[:80]!r}")
 
 
-def _remap_sizes(record: SubscriberRecord, stored: list[int], sizes: list[int]) -> None:
-    moves = [(i, sizes.index(size)) for i, size in enumerate(stored) if size in sizes]
+def _remap_sizes(record: SubscriberRecord, stored: list[int], sizes: list[int]) -> list[int]:
+    """Move every entry's bits from ``stored`` positions to the new list's; return the list."""
+    kept = [size for size in stored if size not in sizes]
+    new = (sizes + kept)[:MAX_WINDOW_SIZES]  # the oldest removed sizes go when it is full
+    moves = [(i, new.index(size)) for i, size in enumerate(stored) if size in new]
     added = 0
-    for j, size in enumerate(sizes):
+    for j, size in enumerate(new):
         if size not in stored:
             added |= 1 << j
     for entry in record.ids.values():
@@ -248,8 +261,7 @@ def _remap_sizes(record: SubscriberRecord, stored: list[int], sizes: list[int]) 
             new_gained |= ((gained >> (i + 1) * NAME_SPAN) & NAME_BITS_ALL) << (j + 1) * NAME_SPAN
         entry[1] = late | (decision & HEURISTIC_BOT) | undecided << UNDECIDED_SHIFT
         entry[3] = new_gained
-    kept = {str(size) for size in sizes}
-    record.windows = {key: flags for key, flags in record.windows.items() if key.split(":")[0] in kept}
+    return new
 
 
 def _upgrade_stamped(doc: dict[str, Any], sizes: list[int]) -> list[Any]:

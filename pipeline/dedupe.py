@@ -21,6 +21,7 @@ counts an event its subscriber record lacks.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.codec import (
@@ -68,6 +69,16 @@ def _stamp(topic_code: int, position: int) -> Stamp:
     return (position << STAMP_SHIFT) | _STAMP_MARK | topic_code
 
 
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """The settings the rules need: window sizes (seconds, ascending), allowed lateness
+    (seconds) and the bot-click heuristic's delay after delivery (0: off)."""
+
+    sizes: tuple[int, ...]
+    lateness: int
+    bot_click_seconds: float = 0.0
+
+
 def apply_event(
     event: dict[str, Any],
     stamp: Stamp,
@@ -79,24 +90,104 @@ def apply_event(
     lateness: int,
     bot_click_seconds: float = 0.0,
 ) -> bool:
-    """Apply one validated event; return whether the subscriber record changed.
+    """:func:`apply` with the rules' settings as keywords."""
+    return apply(event, stamp, record, partial, Rules(tuple(windows), lateness, bot_click_seconds), now)
 
-    Idempotent for a given stamp: applying the same (event, stamp) again changes nothing.
-    """
-    return apply(
-        event,
-        stamp,
-        record,
-        partial,
-        now,
-        windows if type(windows) is tuple else tuple(windows),
-        lateness,
-        bot_click_seconds,
-    )
 
+# The fields of an event id's entry in a record (a list, as stored): its stamp, the decision
+# word (lateness per window size, heuristic bot, sizes not decided yet), when it was first
+# seen (wall clock, for the redelivery horizon) and what it gained (a flag word).
+STAMP, DECISION, SEEN, GAINED = range(4)
 
 _TOPIC_KEYS = tuple(str(code) for code in range(1 << TOPIC_BITS))  # str(topic code), without formatting
 _WINDOW_KEYS = window_key_cache()  # (size, start) -> "size:start", looked up inline
+
+
+def apply(
+    event: dict[str, Any], stamp: Stamp, record: SubscriberRecord, partial: Partial, rules: Rules, now: float
+) -> bool:
+    """Apply one validated event; return whether the subscriber record changed.
+
+    Idempotent for a given stamp: applying the same (event, stamp) again changes nothing,
+    and applying it to an older partial (a replay after a crash) adds exactly what it added
+    the first time, from what the record remembers.
+    """
+    tkey = _TOPIC_KEYS[stamp & _TOPIC_MASK]
+    position = stamp >> STAMP_SHIFT
+    positions = partial.positions
+    if positions.get(tkey, -1) >= position:
+        return False  # this partial already counted it (replay after a crash)
+    positions[tkey] = position
+    partial.seq += 1
+
+    entry = record.ids.get(event["event_id"])
+    fresh = entry is None
+    if fresh:
+        entry = record.ids[event["event_id"]] = _first_sight(event, stamp, record, partial, tkey, rules, now)
+        decided_now = LATE_BITS  # every size
+    elif entry[STAMP] != stamp:
+        partial.duplicates += 1  # a redelivery: first seen at another position
+        return False
+    elif entry[DECISION] >> UNDECIDED_SHIFT:
+        decided_now = _decide_added_sizes(event, entry, partial, tkey, rules)
+    else:
+        decided_now = 0  # a replay: everything was decided when first seen
+    changed = decided_now != 0
+
+    if event["type"] == "conversion" and event.get("order_id"):
+        first = record.orders.setdefault(event["order_id"], stamp)
+        changed = changed or first is stamp
+        if first != stamp:
+            partial.duplicates += 1  # the same order again, under a new event id
+            return changed
+    if event["type"] == "delivery" and _note_delivery(event["timestamp"], record):
+        changed = True
+    window_counts, extra = _count_totals(event, entry[DECISION], partial, tkey, rules.sizes)
+    _count_uniques(event, extra, entry, record, partial.totals, window_counts, fresh, decided_now)
+    return changed
+
+
+def _first_sight(
+    event: dict[str, Any],
+    stamp: Stamp,
+    record: SubscriberRecord,
+    partial: Partial,
+    tkey: str,
+    rules: Rules,
+    now: float,
+) -> list[int]:
+    """A new entry for an event seen for the first time, with the decisions a replay reuses."""
+    timestamp = event["timestamp"]
+    seen, evicted = partial.watermarks.get(tkey, 0.0), partial.evicted
+    decision = 0
+    if seen > timestamp + rules.lateness or evicted:  # else no window of it can be closed
+        decision = _late_mask(timestamp, rules.sizes, LATE_BITS, seen, rules.lateness, evicted)
+    # Heuristic: an e-mail click within seconds of its delivery is a link scanner's (a human
+    # needs longer to open and read). Decided once, when the delivery is already known, and
+    # stored like lateness, so a replay decides the same.
+    delivered = record.delivered
+    if (
+        delivered is not None
+        and rules.bot_click_seconds
+        and event["type"] == "click"
+        and event["channel"] == "email"
+        and not event.get("bot")
+        and 0 <= timestamp - delivered <= rules.bot_click_seconds
+    ):
+        decision |= HEURISTIC_BOT
+    return [stamp, decision, int(now), 0]
+
+
+def _decide_added_sizes(
+    event: dict[str, Any], entry: list[int], partial: Partial, tkey: str, rules: Rules
+) -> int:
+    """A replay of an event first applied before window sizes were added: decide their
+    lateness now and store it; return the sizes decided (their unique flags follow)."""
+    undecided = entry[DECISION] >> UNDECIDED_SHIFT
+    seen = partial.watermarks.get(tkey, 0.0)
+    late = _late_mask(event["timestamp"], rules.sizes, undecided, seen, rules.lateness, partial.evicted)
+    entry[DECISION] = (entry[DECISION] & ~(undecided << UNDECIDED_SHIFT)) | late
+    return undecided
 
 
 def _late_mask(
@@ -116,79 +207,21 @@ def _late_mask(
     return mask
 
 
-def apply(
-    event: dict[str, Any],
-    stamp: Stamp,
-    record: SubscriberRecord,
-    partial: Partial,
-    now: float,
-    sizes: tuple[int, ...],
-    lateness: int,
-    bot_click_seconds: float = 0.0,
-) -> bool:
-    """:func:`apply_event` with positional arguments and ``windows`` as a tuple (the hot path)."""
-    tkey = _TOPIC_KEYS[stamp & _TOPIC_MASK]
-    position = stamp >> STAMP_SHIFT
-    positions = partial.positions
-    if positions.get(tkey, -1) >= position:
-        return False  # this partial already counted it (replay after a crash)
-    positions[tkey] = position
-    partial.seq += 1
+def _note_delivery(timestamp: float, record: SubscriberRecord) -> bool:
+    """Keep the first delivery's time (the bot-click heuristic measures from it)."""
+    if record.delivered is None or timestamp < record.delivered:
+        record.delivered = timestamp
+        return True
+    return False
+
+
+def _count_totals(
+    event: dict[str, Any], decision: int, partial: Partial, tkey: str, sizes: tuple[int, ...]
+) -> tuple[list[tuple[int, str, dict[str, int]]], str | None]:
+    """Count the event in the totals, its source, the watermark and every window it is not
+    late for; return those windows as (size index, key, counts) and its extra count name."""
     timestamp = event["timestamp"]
     kind = event["type"]
-    changed = False
-
-    ids = record.ids
-    event_id = event["event_id"]
-    entry = ids.get(event_id)
-    fresh = False
-    decided_now = 0  # sizes (bit i: sizes[i]) of a replayed event decided only now
-    if entry is None:
-        # Decided once and stored (bit i set: too late for sizes[i]), so a replay decides the same.
-        seen, evicted = partial.watermarks.get(tkey, 0.0), partial.evicted
-        late_mask = 0
-        if seen > timestamp + lateness or evicted:  # else no window of it can be closed
-            late_mask = _late_mask(timestamp, sizes, LATE_BITS, seen, lateness, evicted)
-        # Heuristic: an e-mail click within seconds of its delivery is a link scanner's (a
-        # human needs longer to open and read). Decided once, when the delivery is already
-        # known, and stored with the event like lateness, so a replay decides the same.
-        delivered = record.delivered
-        if (
-            delivered is not None
-            and bot_click_seconds
-            and kind == "click"
-            and event["channel"] == "email"
-            and not event.get("bot")
-            and 0 <= timestamp - delivered <= bot_click_seconds
-        ):
-            late_mask |= HEURISTIC_BOT
-        entry = ids[event_id] = [stamp, late_mask, int(now), 0]
-        changed = fresh = True
-    elif entry[0] != stamp:
-        partial.duplicates += 1  # a redelivery: first seen at another position
-        return changed
-    elif entry[1] >> UNDECIDED_SHIFT:
-        # a replay of an event first applied before window sizes were added: decide those now
-        decided_now = entry[1] >> UNDECIDED_SHIFT
-        late = _late_mask(
-            timestamp, sizes, decided_now, partial.watermarks.get(tkey, 0.0), lateness, partial.evicted
-        )
-        entry[1] = (entry[1] & ~(decided_now << UNDECIDED_SHIFT)) | late
-        changed = True
-
-    if kind == "conversion":
-        order_id = event.get("order_id")
-        if order_id:
-            first = record.orders.setdefault(order_id, stamp)
-            changed = changed or first is stamp
-            if first != stamp:
-                partial.duplicates += 1  # the same order again, under a new event id
-                return changed
-
-    decision = entry[1]
-    if kind == "delivery" and (record.delivered is None or timestamp < record.delivered):
-        record.delivered = timestamp
-        changed = True
     sources = partial.sources
     source = event.get("source") or "canonical"
     sources[source] = sources.get(source, 0) + 1
@@ -197,11 +230,11 @@ def apply(
         watermarks[tkey] = timestamp
     elif tkey not in watermarks:
         watermarks[tkey] = 0.0
-    late_mask = decision & LATE_BITS
+    late_mask = decision & ((1 << len(sizes)) - 1)  # the configured sizes' bits, not a removed one's
     if late_mask:
         partial.late += 1  # still counted in "all", and visible as late
     pwindows = partial.windows
-    window_counts: list[tuple[int, str, dict[str, int]]] = []  # (size index, key, counts)
+    window_counts: list[tuple[int, str, dict[str, int]]] = []
     for i, size in enumerate(sizes):
         if not late_mask & (1 << i):
             start = int(timestamp // size) * size
@@ -225,32 +258,45 @@ def apply(
         totals[extra] = totals.get(extra, 0) + 1
         for _, _, counts in window_counts:
             counts[extra] = counts.get(extra, 0) + 1
+    return window_counts, extra
 
-    kind_key = (kind, event["channel"], extra)
+
+def _count_uniques(
+    event: dict[str, Any],
+    extra: str | None,
+    entry: list[int],
+    record: SubscriberRecord,
+    totals: dict[str, int],
+    window_counts: list[tuple[int, str, dict[str, int]]],
+    fresh: bool,
+    decided_now: int,
+) -> None:
+    """Count the distinct-subscriber counts the event made its subscriber part of.
+
+    First seen: the flags the record lacked, lifetime and per window, are set and stored as
+    what the event gained. Replayed: what it gained then (of what it can gain: a record
+    upgraded from stamps per flag knows only which flags hold its stamp), plus, in sizes
+    added since, what it gains now.
+    """
+    kind_key = (event["type"], event["channel"], extra)
     want = _UNIQUE_BY_KIND.get(kind_key)
     if want is None:
         want = _UNIQUE_BY_KIND[kind_key] = _unique_flags(*kind_key)
-    if want:
-        if fresh:
-            # the flags this event sets first: lifetime, then each window it is counted in
-            gained = want & ~record.unique
-            record.unique |= gained
-            gained |= _gain_windows(record, want, window_counts, LATE_BITS)
-            entry[3] = gained
-        else:
-            # a replay: what the event gained when first applied (of what it can gain: a
-            # record upgraded from stamps per flag knows only which flags hold its stamp),
-            # and in sizes added since, what it gains now
-            gained = entry[3]
-            if decided_now:
-                gained = entry[3] = gained | _gain_windows(record, want, window_counts, decided_now)
-        if gained:
-            for uname in _UNIQUE_NAMES[gained & want]:
-                totals[uname] = totals.get(uname, 0) + 1
-            for i, _, counts in window_counts:
-                for uname in _UNIQUE_NAMES[(gained >> (i + 1) * NAME_SPAN) & want]:
-                    counts[uname] = counts.get(uname, 0) + 1
-    return changed
+    if not want:
+        return
+    gained = entry[GAINED]
+    if fresh:
+        gained = want & ~record.unique
+        record.unique |= gained
+    if decided_now:
+        gained |= _gain_windows(record, want, window_counts, decided_now)
+        entry[GAINED] = gained
+    if gained:
+        for uname in _UNIQUE_NAMES[gained & want]:
+            totals[uname] = totals.get(uname, 0) + 1
+        for i, _, counts in window_counts:
+            for uname in _UNIQUE_NAMES[(gained >> (i + 1) * NAME_SPAN) & want]:
+                counts[uname] = counts.get(uname, 0) + 1
 
 
 def _gain_windows(

@@ -32,7 +32,7 @@ import orjson
 from pipeline import codec, failpoints
 from pipeline.agents.context import BulkTable, group_by_partition
 from pipeline.codec import Partial, SubscriberRecord, campaign_key, record_key
-from pipeline.dedupe import STAMP_SHIFT, STAMP_SPAN, apply, stamp_of
+from pipeline.dedupe import STAMP_SHIFT, STAMP_SPAN, Rules, apply, stamp_of
 from pipeline.events import EventError, validate_event
 from pipeline.settings import Settings
 from pipeline.topics import TOPIC_CODES, is_validated
@@ -328,8 +328,7 @@ class DedupeStage:
         records: dict[bytes, SubscriberRecord] = {}
         changed: set[bytes] = set(moved)
         out_records: dict[bytes, bytes] = {}
-        lateness = settings.allowed_lateness
-        bot_seconds = settings.bot_click_seconds
+        rules = Rules(windows, settings.allowed_lateness, settings.bot_click_seconds)
         retention = settings.dedupe_retention
         for i, (event, stamp, ckey, rkey) in enumerate(decoded.events):
             record = records.get(rkey)
@@ -337,7 +336,7 @@ class DedupeStage:
                 raw = stored_records[rkey]
                 record = records[rkey] = decode_record(raw, sizes) if raw else new_record()
             partial = partials[ckey]
-            if apply(event, stamp, record, partial, now, windows, lateness, bot_seconds):
+            if apply(event, stamp, record, partial, rules, now):
                 changed.add(rkey)
             if last[rkey] == i:
                 if rkey in changed:

@@ -24,7 +24,7 @@ from typing import Any
 from pipeline import codec
 from pipeline.bench.common import peak_rss_mib, rss_mib, write_json
 from pipeline.codec import Partial, SubscriberRecord
-from pipeline.dedupe import apply, stamp_of
+from pipeline.dedupe import Rules, apply, stamp_of
 
 BATCH = 25_000
 PARTITIONS = 4
@@ -54,7 +54,7 @@ def _shape(now: int) -> SubscriberRecord:
         "source": "sendgrid",
     }
     subscriber = SubscriberRecord()
-    apply(event, stamp_of(1, 0, 0), subscriber, Partial(), now, (60,), 300)
+    apply(event, stamp_of(1, 0, 0), subscriber, Partial(), Rules((60,), 300), now)
     return subscriber
 
 
