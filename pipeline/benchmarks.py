@@ -77,7 +77,7 @@ ENV_VAR = "PIPELINE_BENCHMARKS"
 EMAIL_RATES = ("open_rate", "ctor", "ctr")
 ADS_RATES = ("ctr", "cvr")
 
-CTOR_SOURCE = "published CTOR ranges by industry (issue 7 table)"
+CTOR_SOURCE = "published CTOR ranges by industry"
 MAILCHIMP = "Mailchimp 2019 industry average open rate (pre-MPP) +/- 15%"
 DERIVED = "derived: open_rate range x ctor range"
 
@@ -138,7 +138,7 @@ DEFAULT_EMAIL: dict[str, dict[str, Range]] = {
 }
 TRANSACTIONAL: dict[str, Range] = _email_profile(
     Range(0.40, 0.60, "approximate transactional open-rate band (Postmark, Mailgun reports)"),
-    Range(0.15, 0.25, "published transactional CTOR range (issue 7 table)"),
+    Range(0.15, 0.25, "published transactional CTOR range"),
 )
 DEFAULT_ADS: dict[str, dict[str, Range]] = {
     "search": {

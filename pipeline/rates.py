@@ -26,7 +26,6 @@ EMAIL_RATES: dict[str, tuple[str, str]] = {
     "human_ctor": ("unique_click", "unique_human_open"),
     "cvr": ("conversion", "click"),
 }
-RATE_NAMES = tuple(EMAIL_RATES)
 
 
 def definitions(channel: str, email_denominator: str = "delivery") -> dict[str, tuple[str, str]]:

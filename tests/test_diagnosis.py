@@ -1,4 +1,4 @@
-"""Scenario tests of the funnel diagnosis (issue 7): each ads quadrant, each e-mail case, MPP
+"""Scenario tests of the funnel diagnosis: each ads quadrant, each e-mail case, MPP
 and scanner clicks, the CTR/CVR trade-off, thin data, unsupported rates and the benchmarks file.
 
 Default benchmarks: ads ``search`` (CTR 3.2-6.4 %, CVR 3.8-7.0 %); e-mail ``all`` (human open
