@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.codec import MAX_WINDOW_SIZES
+from pipeline.credentials import CredentialsError, parse_endpoints, read_secret_files
 
 
 class SettingsError(ValueError):
@@ -127,9 +128,13 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        from pipeline.security import parse_endpoints, read_secret_files
+        try:
+            return cls._from_env(read_secret_files(os.environ if env is None else env))
+        except CredentialsError as exc:
+            raise SettingsError(str(exc)) from None
 
-        env = read_secret_files(os.environ if env is None else env)
+    @classmethod
+    def _from_env(cls, env: dict[str, str]) -> Settings:
         get = env.get
         windows = tuple(
             sorted({_duration(w) for w in get("PIPELINE_WINDOWS", "5m,1h").split(",") if w.strip()})
@@ -192,7 +197,3 @@ class Settings:
             raise SettingsError("PIPELINE_PARTITIONS must be positive")
         if self.header_timeout < 1:
             raise SettingsError("PIPELINE_HEADER_TIMEOUT must be at least 1s")
-        if self.env.get("PIPELINE_BENCHMARKS"):
-            from pipeline.benchmarks import table_for_env
-
-            table_for_env(self.env)  # a broken benchmarks file stops the start, not a scrape

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from pipeline.aggregate import CampaignView
 from pipeline.app import Pipeline, create_pipeline
+from pipeline.benchmarks import table_for_env
 from pipeline.broker import read_true_highwaters
 from pipeline.declare import TopicsError, declare_pipeline_topics
 from pipeline.diagnosis import diagnose_view
@@ -67,6 +68,8 @@ def consumer_lag(app: faust.App) -> dict[tuple[str, int], int]:
 def build_worker(settings: Settings) -> tuple[Pipeline, HttpService]:
     check_listeners(settings)  # before anything starts: a refused start leaves nothing behind
     warn_open_endpoints(settings)
+    if settings.env.get("PIPELINE_BENCHMARKS"):
+        table_for_env(settings.env)  # a broken benchmarks file stops the start, not a scrape
     pipeline = create_pipeline(settings)
     registry = CollectorRegistry(auto_describe=False)
     counters = HealthCounters(registry)

@@ -15,6 +15,7 @@ from pipeline.aggregate import CampaignView
 from pipeline.benchmarks import DEFAULT_TABLE, BenchmarkError, table_for_env, table_from_mapping
 from pipeline.diagnosis import diagnose, diagnose_view, volume_needed, wilson
 from pipeline.settings import Settings, SettingsError
+from pipeline.worker import build_worker
 
 SETTINGS = Settings(windows=(3600,), allowed_lateness=300)
 
@@ -365,7 +366,7 @@ def test_a_bad_benchmarks_file_stops_the_start(tmp_path, content):
     path = tmp_path / "bench.json"
     path.write_text(content)
     with pytest.raises(SettingsError):
-        Settings.from_env({"PIPELINE_BENCHMARKS": str(path)})
+        build_worker(Settings.from_env({"PIPELINE_BENCHMARKS": str(path)}))
     with pytest.raises(BenchmarkError):
         table_from_mapping(json.loads(content)) if content.startswith('{"') else table_for_env(
             {"PIPELINE_BENCHMARKS": str(path)}
@@ -374,4 +375,4 @@ def test_a_bad_benchmarks_file_stops_the_start(tmp_path, content):
 
 def test_missing_benchmarks_file_stops_the_start(tmp_path):
     with pytest.raises(SettingsError):
-        Settings.from_env({"PIPELINE_BENCHMARKS": str(tmp_path / "absent.yaml")})
+        build_worker(Settings.from_env({"PIPELINE_BENCHMARKS": str(tmp_path / "absent.yaml")}))
