@@ -16,7 +16,7 @@ from typing import Any
 import faust
 import orjson
 
-from pipeline import rewind
+from pipeline import faust_compat
 from pipeline.agents.aggregate import AggregateStage
 from pipeline.agents.dedupe import DedupeStage
 from pipeline.settings import Settings
@@ -54,29 +54,7 @@ class Pipeline:
 
     def consuming(self) -> bool:
         app = self.app
-        return app.tables.recovery.completed.is_set() and not app.rebalancing
-
-
-FETCH_MAX_WAIT_MS = 50
-
-
-def shorten_fetch_wait() -> None:
-    """Faust hard-codes ``fetch_max_wait_ms=1500`` for its consumer. The embedded broker (Tansu)
-    holds a fetch that finds no new data for the whole wait instead of answering when data
-    arrives, so every hop (raw topic, partials topic) could add up to 1.5 s of latency."""
-    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
-
-    create = AIOKafkaConsumerThread._create_worker_consumer
-    if getattr(create, "_pipeline_patched", False):
-        return
-
-    def create_worker_consumer(self: Any, transport: Any) -> Any:
-        consumer = create(self, transport)
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read when the consumer starts
-        return consumer
-
-    create_worker_consumer._pipeline_patched = True  # type: ignore[attr-defined]
-    AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer  # type: ignore[method-assign]
+        return faust_compat.recovery_completed(app) and not app.rebalancing
 
 
 def tune_gc() -> None:
@@ -88,8 +66,7 @@ def tune_gc() -> None:
 
 
 def create_pipeline(settings: Settings) -> Pipeline:
-    shorten_fetch_wait()
-    rewind.install()
+    faust_compat.install()
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -154,7 +131,7 @@ def create_pipeline(settings: Settings) -> Pipeline:
         partials_topic,
         dead_letter_topic,
         *(table.changelog_topic for table in (subscribers, partials, campaigns)),
-        app._leader_assignor._leader_topic,  # type: ignore[attr-defined]
+        faust_compat.leader_topic(app),
     ]
     tune_gc()
 

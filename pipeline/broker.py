@@ -189,13 +189,3 @@ async def true_end_offsets(bootstrap: str, reported: dict, timeout: float = 30.0
     finally:
         await consumer.stop()
     return fixed
-
-
-def read_true_highwaters(consumer: object, bootstrap: str) -> None:
-    """Make a Faust consumer's ``highwaters`` read the real end of each partition."""
-    original = consumer.highwaters  # type: ignore[attr-defined]
-
-    async def highwaters(*partitions: object) -> dict:
-        return await true_end_offsets(bootstrap, dict(await original(*partitions)))
-
-    consumer.highwaters = highwaters  # type: ignore[attr-defined]

@@ -9,10 +9,10 @@ import faust
 import mode
 from prometheus_client import CollectorRegistry
 
+from pipeline import faust_compat
 from pipeline.aggregate import CampaignView
 from pipeline.app import Pipeline, create_pipeline
 from pipeline.benchmarks import table_for_env
-from pipeline.broker import read_true_highwaters
 from pipeline.declare import TopicsError, declare_pipeline_topics
 from pipeline.diagnosis import diagnose_view
 from pipeline.ingest.producer import EventProducer
@@ -39,7 +39,6 @@ class HttpService(mode.Service):
         self.pipeline = pipeline
 
     async def on_start(self) -> None:
-        read_true_highwaters(self.pipeline.app.consumer, self.pipeline.settings.broker or "")
         await self.web.start()
 
     async def on_stop(self) -> None:
@@ -60,7 +59,7 @@ def consumer_lag(app: faust.App) -> dict[tuple[str, int], int]:
             continue
         if highwater is None:
             continue
-        read = consumer._read_offset.get(tp)
+        read = faust_compat.read_offset(consumer, tp)
         lags[(tp.topic, tp.partition)] = max(0, highwater - ((read + 1) if read is not None else 0))
     return lags
 

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pipeline.topics", "pipeline.credentials"),
     ("pipeline.settings",),
     ("pipeline.benchmarks", "pipeline.diagnosis", "pipeline.security", "pipeline.kafka", "pipeline.broker"),
-    ("pipeline.declare", "pipeline.rewind", "pipeline.metrics"),
+    ("pipeline.declare", "pipeline.faust_compat", "pipeline.metrics"),
     # I/O: ingest, the stages, the HTTP side
     ("pipeline.ingest.producer",),
     ("pipeline.agents",),

@@ -9,7 +9,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from pipeline.bench.common import create_topics
 from pipeline.broker import EmbeddedBroker
-from pipeline.rewind import seek_to_committed
+from pipeline.faust_compat import seek_to_committed
 
 
 async def _scenario(address: str) -> tuple[dict, dict]:

@@ -2,7 +2,7 @@
 
 Faust routes a table access to the store and changelog partition of the *current event*.
 A batch taken from a stream mixes partitions, so each partition's group of events is handled
-inside :func:`on_partition_of`, which makes one of its events current.
+inside :func:`~pipeline.faust_compat.on_partition_of`, which makes one of its events current.
 
 :class:`BulkTable` reads and writes many keys of one partition at once: with the RocksDB store
 (rocksdict) it reads with one multi-get, writes with one ``WriteBatch`` and sends the changelog
@@ -16,24 +16,14 @@ Other stores fall back to the per-key table API.
 from __future__ import annotations
 
 import asyncio
-import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
-from contextlib import contextmanager
 from itertools import chain
 from typing import Any
 
-from faust.streams import _current_event
 from faust.types import TP, EventT
 
-
-@contextmanager
-def on_partition_of(event: EventT) -> Iterator[None]:
-    token = _current_event.set(weakref.ref(event))
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
+from pipeline.faust_compat import app_producer, on_partition_of, partition_db
 
 
 def group_by_partition(events: list[EventT]) -> dict[int, list[EventT]]:
@@ -74,45 +64,43 @@ class BulkTable:
         self.table = table
         self.io = io
 
-    def _rocks(self) -> Any | None:
-        store = self.table.data
-        if getattr(store, "use_rocksdict", False) and hasattr(store, "_db_for_partition"):
-            return store
-        return None
+    def _db(self, partition: int) -> Any | None:
+        """The partition's rocksdict database, or None when the table has another store."""
+        return partition_db(self.table, partition)
 
     def get_many(self, partition: int, keys: Sequence[bytes], event: EventT) -> list[bytes | None]:
         if not keys:
             return []
-        store = self._rocks()
-        if store is not None:
-            return store._db_for_partition(partition).get(list(keys))
+        db = self._db(partition)
+        if db is not None:
+            return db.get(list(keys))
         with on_partition_of(event):
             return [self.table.get(key) for key in keys]
 
     def read_later(self, partition: int, keys: Sequence[bytes], event: EventT) -> asyncio.Future:
         """:meth:`get_many` on the I/O thread, after every operation submitted before it."""
-        store = self._rocks()
+        db = self._db(partition)
         loop = asyncio.get_running_loop()
-        if store is None or self.io is None or not keys:
+        if db is None or self.io is None or not keys:
             done = loop.create_future()
             done.set_result(self.get_many(partition, keys, event))
             return done
-        return loop.run_in_executor(self.io, store._db_for_partition(partition).get, list(keys))
+        return loop.run_in_executor(self.io, db.get, list(keys))
 
     def any_key_from_later(self, partition: int, start: bytes, event: EventT) -> asyncio.Future:
         """Whether the partition holds any key at or after ``start`` (bytewise), on the I/O
         thread after every operation submitted before it: one seek with RocksDB."""
-        store = self._rocks()
+        db = self._db(partition)
         loop = asyncio.get_running_loop()
-        if store is None or self.io is None:
+        if db is None or self.io is None:
             done = loop.create_future()
-            if store is not None:
-                done.set_result(_any_key_from(store._db_for_partition(partition), start))
+            if db is not None:
+                done.set_result(_any_key_from(db, start))
             else:
                 with on_partition_of(event):
                     done.set_result(any(key >= start for key in self.table.keys()))
             return done
-        return loop.run_in_executor(self.io, _any_key_from, store._db_for_partition(partition), start)
+        return loop.run_in_executor(self.io, _any_key_from, db, start)
 
     async def write_later(
         self, partition: int, items: dict[bytes, bytes], event: EventT, deletes: Sequence[bytes] = ()
@@ -124,13 +112,12 @@ class BulkTable:
         recorded as persisted only once the local write is done, so a recovery never skips
         entries the local store lacks.
         """
-        store = self._rocks()
-        if store is None or self.io is None or not (items or deletes):
+        db = self._db(partition)
+        if db is None or self.io is None or not (items or deletes):
             return await self.put_many(partition, items, event, deletes)
         loop = asyncio.get_running_loop()
-        write = store._db_for_partition(partition).write
-        local = loop.run_in_executor(self.io, write, _write_batch(items, deletes))
-        return [local, *await self._send_changelog(store, partition, items, deletes, local)]
+        local = loop.run_in_executor(self.io, db.write, _write_batch(items, deletes))
+        return [local, *await self._send_changelog(partition, items, deletes, local)]
 
     async def put_many(
         self, partition: int, items: dict[bytes, bytes], event: EventT, deletes: Sequence[bytes] = ()
@@ -139,27 +126,27 @@ class BulkTable:
         resolve when it is acked."""
         if not (items or deletes):
             return []
-        store = self._rocks()
-        if store is None:
+        db = self._db(partition)
+        if db is None:
             with on_partition_of(event):
                 for key in deletes:
                     self.table.pop(key, None)
                 for key, value in items.items():
                     self.table[key] = value
             return []
-        store._db_for_partition(partition).write(_write_batch(items, deletes))
-        return await self._send_changelog(store, partition, items, deletes)
+        db.write(_write_batch(items, deletes))
+        return await self._send_changelog(partition, items, deletes)
 
     async def _send_changelog(
         self,
-        store: Any,
         partition: int,
         items: dict[bytes, bytes],
         deletes: Sequence[bytes] = (),
         local: asyncio.Future | None = None,
     ) -> list:
         app = self.table.app
-        producer = app.producer._ensure_producer()  # the app's own aiokafka producer
+        store = self.table.data
+        producer = app_producer(app)
         topic = self.table.changelog_topic.get_topic_name()
         tp = TP(topic, partition)
         futures: list[asyncio.Future] = []

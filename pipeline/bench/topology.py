@@ -35,10 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import faust
-    import mode
 
     from pipeline.app import create_pipeline
-    from pipeline.broker import read_true_highwaters
     from pipeline.settings import Settings
 
     settings = Settings.from_env()
@@ -135,11 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     async def report() -> None:
         write_status()
 
-    class Highwaters(mode.Service):
-        async def on_start(self) -> None:
-            read_true_highwaters(pipeline.app.consumer, settings.broker or "")
-
-    worker = faust.Worker(pipeline.app, Highwaters(), loglevel="warning", quiet=True, redirect_stdouts=False)
+    worker = faust.Worker(pipeline.app, loglevel="warning", quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()
     return 0
 

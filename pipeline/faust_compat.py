@@ -1,0 +1,208 @@
+"""Every reach into faust-streaming's and aiokafka's internals, in one place.
+
+The pipeline relies on a few things the two libraries do not offer as public API. Each is
+here, with why it is needed and which upstream behaviour it replaces; nothing else in the
+package touches a private name of either library. :func:`install` applies the patches once,
+where the app is made (``create_pipeline``), after :func:`check` has confirmed every
+internal is where this module expects it: a missing one stops the start with
+:class:`CompatError` instead of degrading quietly (without the RocksDB partition handle, for
+one, the dedupe stage would fall back to per-key writes and lose most of its speed).
+``tests/test_faust_compat.py`` holds one test per assumption (the attribute exists, the
+signature matches, the behaviour relied on still holds), so an upgrade fails in CI.
+
+Written against the pinned faust-streaming 0.15.3 and aiokafka 0.14.0.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import aiokafka
+import faust
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import IllegalStateError
+from faust.transport.drivers import aiokafka as faust_aiokafka
+
+log = logging.getLogger(__name__)
+
+TESTED_VERSIONS = {"faust-streaming": "0.15.3", "aiokafka": "0.14.0"}
+FETCH_MAX_WAIT_MS = 50
+
+
+class CompatError(RuntimeError):
+    """An internal of faust-streaming or aiokafka this package relies on is missing or changed."""
+
+
+def check() -> None:
+    """Every internal used below exists with the shape expected, or :class:`CompatError`."""
+    from faust import streams
+    from faust.stores import rocksdb
+
+    problems = []
+    thread = faust_aiokafka.AIOKafkaConsumerThread
+    for owner, name in (
+        (thread, "_create_worker_consumer"),
+        (thread, "seek_to_committed"),
+        (thread, "call_thread"),
+        (thread, "_ensure_consumer"),
+        (faust_aiokafka.Consumer, "highwaters"),
+        (faust_aiokafka.Producer, "_ensure_producer"),
+        (rocksdb.Store, "_db_for_partition"),
+        (rocksdb.Store, "set_persisted_offset"),
+        (faust.App, "_leader_assignor"),
+    ):
+        if not hasattr(owner, name):
+            problems.append(f"{owner.__module__}.{owner.__qualname__}.{name} is gone")
+    if not isinstance(getattr(streams, "_current_event", None), ContextVar):
+        problems.append("faust.streams._current_event is no longer a ContextVar")
+    if "_read_offset" not in inspect.getsource(faust.transport.consumer.Consumer.__init__):
+        problems.append("faust's Consumer no longer keeps _read_offset")
+    if problems:
+        raise CompatError(
+            "faust-streaming/aiokafka internals changed (tested with "
+            + ", ".join(f"{k} {v}" for k, v in TESTED_VERSIONS.items())
+            + "):\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+    installed = {"faust-streaming": faust.__version__, "aiokafka": aiokafka.__version__}
+    if installed != TESTED_VERSIONS:
+        log.warning("faust-streaming/aiokafka %s, tested with %s", installed, TESTED_VERSIONS)
+
+
+_installed = False
+
+
+def install() -> None:
+    """Check the internals, then apply the patches (once per process)."""
+    global _installed
+    if _installed:
+        return
+    check()
+    _shorten_fetch_wait()
+    faust_aiokafka.AIOKafkaConsumerThread.seek_to_committed = _seek_to_committed  # type: ignore[method-assign]
+    _read_true_highwaters()
+    _installed = True
+
+
+# --- fetch wait ------------------------------------------------------------------------------
+
+
+def _shorten_fetch_wait() -> None:
+    """Faust hard-codes ``fetch_max_wait_ms=1500`` for its consumer (no setting reaches it).
+    The embedded broker (Tansu) holds a fetch that finds no new data for the whole wait instead
+    of answering when data arrives, so every hop (raw topic, partials topic) could add up to
+    1.5 s of latency. Replaces: the consumer aiokafka is given, with a 50 ms wait."""
+    create = faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer
+
+    def create_worker_consumer(self: Any, transport: Any) -> Any:
+        consumer = create(self, transport)
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # aiokafka reads it when it starts
+        return consumer
+
+    faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer  # type: ignore[method-assign]
+
+
+# --- seeking back after a rebalance ----------------------------------------------------------
+
+
+async def seek_to_committed(consumer: AIOKafkaConsumer) -> dict[TopicPartition, int | None]:
+    """Seek every assigned partition back to its committed offset, or to the beginning.
+
+    Faust throws away the records a fetch returns while its flow is stopped (a rebalance, a
+    table recovery), then seeks back with aiokafka's ``seek_to_committed``, which (0.14) skips
+    a partition with no committed offset and raises at the first partition no longer
+    assigned, leaving the rest where they were: either way the records just thrown away are
+    lost for good, silently. This seeks every partition still assigned (with nothing
+    committed, from the beginning: at worst a replay, which the dedupe stage recomputes
+    exactly) and skips one that moved away (its new owner starts from the committed offset).
+    """
+    committed_offsets: dict[TopicPartition, int | None] = {}
+    for tp in sorted(consumer.assignment()):
+        committed = await consumer.committed(tp)
+        try:
+            if committed:
+                consumer.seek(tp, committed)
+            else:
+                await consumer.seek_to_beginning(tp)
+        except IllegalStateError:
+            continue  # no longer ours
+        committed_offsets[tp] = committed
+    return committed_offsets
+
+
+async def _seek_to_committed(self: Any) -> dict[TopicPartition, int | None]:
+    return await self.call_thread(seek_to_committed, self._ensure_consumer())
+
+
+# --- end offsets (Tansu) -----------------------------------------------------------------------
+
+
+def _read_true_highwaters() -> None:
+    """Faust's changelog recovery reads end offsets with ListOffsets, which Tansu answers
+    short (:func:`pipeline.broker.true_end_offsets`); the consumer's ``highwaters`` is made to
+    read the real end from the log. On Apache Kafka it reads nothing new."""
+    from pipeline.broker import true_end_offsets
+
+    original = faust_aiokafka.Consumer.highwaters
+
+    async def highwaters(self: Any, *partitions: Any) -> dict:
+        bootstrap = ",".join(f"{url.host}:{url.port}" for url in self.app.conf.broker)
+        return await true_end_offsets(bootstrap, dict(await original(self, *partitions)))
+
+    faust_aiokafka.Consumer.highwaters = highwaters  # type: ignore[method-assign]
+
+
+# --- tables: the current event's partition, the RocksDB handle, the changelog producer -------
+
+
+@contextmanager
+def on_partition_of(event: Any) -> Iterator[None]:
+    """Faust routes a table access to the store and changelog partition of the *current
+    event* (a context variable its streams set per event); a batch mixes partitions, so each
+    partition's group is handled with one of its events made current."""
+    from faust.streams import _current_event
+
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
+
+
+def partition_db(table: Any, partition: int) -> Any | None:
+    """The rocksdict database of one partition of a RocksDB table (None for other stores),
+    for multi-gets and write batches instead of Faust's per-key path."""
+    store = table.data
+    if not getattr(store, "use_rocksdict", False):
+        return None
+    return store._db_for_partition(partition)
+
+
+def app_producer(app: faust.App) -> aiokafka.AIOKafkaProducer:
+    """The app's own aiokafka producer (started with the app), for changelog record batches
+    sent whole (``create_batch``/``send_batch``, public aiokafka API)."""
+    return app.producer._ensure_producer()
+
+
+# --- introspection ---------------------------------------------------------------------------
+
+
+def read_offset(consumer: Any, tp: Any) -> int | None:
+    """The last offset the consumer handed to a stream (for consumer lag)."""
+    return consumer._read_offset.get(tp)
+
+
+def leader_topic(app: faust.App) -> Any:
+    """The topic Faust's leader assignor uses (declared with the others before start)."""
+    return app._leader_assignor._leader_topic  # type: ignore[attr-defined]
+
+
+def recovery_completed(app: faust.App) -> bool:
+    """Whether table recovery finished (``/health`` answers 200 only then)."""
+    return app.tables.recovery.completed.is_set()

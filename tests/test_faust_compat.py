@@ -1,0 +1,111 @@
+"""One test per assumption ``pipeline.faust_compat`` makes about faust-streaming and aiokafka.
+
+An upgrade of either library that moves or changes one of these internals fails here, in CI,
+and not silently in production. (The seek-back behaviour itself runs against a real broker in
+``tests/test_rewind.py``.)
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import tomllib
+from pathlib import Path
+
+import aiokafka
+import faust
+import pytest
+from faust.transport.drivers import aiokafka as faust_aiokafka
+
+from pipeline import faust_compat
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> faust.App:
+    return faust.App(
+        "compat-test",
+        broker="kafka://127.0.0.1:1,kafka://other:2",
+        store="rocksdb://",
+        datadir=str(tmp_path),
+        autodiscover=False,
+        web_enabled=False,
+    )
+
+
+def test_the_tested_versions_are_the_pinned_ones():
+    pins = dict(
+        re.fullmatch(r"([a-z-]+)==(.+)", dep).groups()  # type: ignore[union-attr]
+        for dep in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+        if "==" in dep
+    )
+    assert {name: pins[name] for name in faust_compat.TESTED_VERSIONS} == faust_compat.TESTED_VERSIONS
+    assert faust.__version__ == faust_compat.TESTED_VERSIONS["faust-streaming"]
+    assert aiokafka.__version__ == faust_compat.TESTED_VERSIONS["aiokafka"]
+
+
+def test_every_internal_is_where_it_is_expected():
+    faust_compat.check()  # raises CompatError naming what moved
+
+
+def test_a_missing_internal_stops_the_start_loudly(monkeypatch):
+    from faust.stores import rocksdb
+
+    monkeypatch.delattr(rocksdb.Store, "_db_for_partition")
+    with pytest.raises(faust_compat.CompatError, match="_db_for_partition is gone"):
+        faust_compat.check()
+
+
+def test_patched_methods_keep_their_signatures():
+    thread = faust_aiokafka.AIOKafkaConsumerThread
+    # _create_worker_consumer(self, transport) -> AIOKafkaConsumer, wrapped to shorten the wait
+    assert list(inspect.signature(thread._create_worker_consumer).parameters)[:2] == ["self", "transport"]
+    # seek_to_committed(self) -> offsets, replaced whole
+    assert list(inspect.signature(thread.seek_to_committed).parameters) == ["self"]
+    # Consumer.highwaters(self, *partitions), wrapped
+    parameters = inspect.signature(faust_aiokafka.Consumer.highwaters).parameters
+    assert [p.kind for p in parameters.values()] == [
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.VAR_POSITIONAL,
+    ]
+    # aiokafka reads the wait from this attribute when the consumer starts
+    assert "self._fetch_max_wait_ms" in inspect.getsource(aiokafka.AIOKafkaConsumer.__init__)
+    assert "_fetch_max_wait_ms" in inspect.getsource(aiokafka.AIOKafkaConsumer.start)
+    assert list(inspect.signature(faust_aiokafka.Producer._ensure_producer).parameters) == ["self"]
+
+
+async def test_install_patches_once_and_the_consumer_gets_the_short_wait(app):
+    faust_compat.install()
+    faust_compat.install()  # twice: still one wrapper
+    thread = faust_aiokafka.AIOKafkaConsumerThread(app.consumer)
+    consumer = thread._create_worker_consumer(app.transport)
+    assert consumer._fetch_max_wait_ms == faust_compat.FETCH_MAX_WAIT_MS
+    assert faust_aiokafka.AIOKafkaConsumerThread.seek_to_committed is faust_compat._seek_to_committed
+
+
+def test_a_table_access_goes_to_the_current_events_partition():
+    class Event:  # anything Faust's streams would hold a weak reference to
+        pass
+
+    event = Event()
+    with faust_compat.on_partition_of(event):
+        assert faust.streams.current_event() is event
+    assert faust.streams.current_event() is None
+
+
+def test_the_rocksdb_handle_of_a_partition_is_rocksdict(app):
+    table = app.Table("t", partitions=2, key_type=bytes, value_type=bytes)
+    db = faust_compat.partition_db(table, 1)
+    db.put(b"k", b"v")
+    assert db.get([b"k"]) == [b"v"]  # multi-get, as the dedupe stage reads
+    assert faust_compat.partition_db(table, 1) is db
+    memory = faust.App("compat-memory", store="memory://", autodiscover=False, web_enabled=False)
+    assert faust_compat.partition_db(memory.Table("m", partitions=1), 0) is None
+
+
+def test_the_consumer_keeps_read_offsets_and_the_app_a_leader_topic_and_recovery(app):
+    assert faust_compat.read_offset(app.consumer, ("t", 0)) is None
+    assert faust_compat.leader_topic(app).get_topic_name() == "compat-test-__assignor-__leader"
+    assert faust_compat.recovery_completed(app) is False
+    assert [(u.host, u.port) for u in app.conf.broker] == [("127.0.0.1", 1), ("other", 2)]
