@@ -25,7 +25,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from pipeline.broker import EmbeddedBroker, stop_signals_caught, wait_for_stop_signal
+    from pipeline.kafka.tansu import EmbeddedBroker, stop_signals_caught, wait_for_stop_signal
 
     with stop_signals_caught() as stop:
         broker = EmbeddedBroker(port=args.port, storage=args.storage).start()
@@ -45,8 +45,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_kafka(args: argparse.Namespace) -> int:
-    from pipeline.broker import stop_signals_caught, wait_for_stop_signal
-    from pipeline.kafka import KafkaCluster, KafkaError, fetch_jars
+    from pipeline.kafka.local import KafkaCluster, KafkaError, fetch_jars
+    from pipeline.kafka.tansu import stop_signals_caught, wait_for_stop_signal
 
     try:
         if args.fetch_only:
@@ -88,8 +88,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.broker import EmbeddedBroker
-    from pipeline.security import check_listeners, load_or_create_salt
+    from pipeline.http.security import check_listeners, load_or_create_salt
+    from pipeline.kafka.tansu import EmbeddedBroker
     from pipeline.worker import run_worker
 
     settings = _settings(args)
@@ -136,13 +136,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from pipeline.simulate import main as simulate_main
+    from pipeline.simulation.traffic import main as simulate_main
 
     return simulate_main(args)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipeline.report import main as report_main
+    from pipeline.diagnosis.report import main as report_main
 
     return report_main(args)
 
@@ -150,8 +150,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import orjson
 
-    from pipeline.bench.report import render
     from pipeline.bench.run import run
+    from pipeline.bench.table import render
 
     result = run(
         {
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--storage", default="memory://tansu/", help="memory://tansu/ or s3://bucket/")
     broker.set_defaults(func=cmd_broker)
 
-    from pipeline.kafka import HEAP, KAFKA_VERSION, TESTED_VERSIONS
+    from pipeline.kafka.local import HEAP, KAFKA_VERSION, TESTED_VERSIONS
 
     kafka = sub.add_parser("kafka", help="Apache Kafka on loopback (KRaft, jars from Maven Central)")
     kafka.add_argument("--brokers", type=int, default=1, choices=(1, 3), help="one node, or a 3-node cluster")
@@ -235,13 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workdir", default=None)
     bench.set_defaults(func=cmd_bench)
 
-    from pipeline.simulate import add_arguments
+    from pipeline.simulation.traffic import add_arguments
 
     simulate = sub.add_parser("simulate", help="realistic traffic with known ground truth")
     add_arguments(simulate)
     simulate.set_defaults(func=cmd_simulate)
 
-    from pipeline.report import add_arguments as report_arguments
+    from pipeline.diagnosis.report import add_arguments as report_arguments
 
     report = sub.add_parser("report", help="the campaign funnel table with rates and diagnosis")
     report_arguments(report)

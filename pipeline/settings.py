@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.codec import MAX_WINDOW_SIZES
 from pipeline.credentials import CredentialsError, parse_endpoints, read_secret_files
+from pipeline.state.codec import MAX_WINDOW_SIZES
 
 
 class SettingsError(ValueError):

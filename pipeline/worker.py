@@ -9,19 +9,19 @@ import faust
 import mode
 from prometheus_client import CollectorRegistry
 
-from pipeline import faust_compat
-from pipeline.aggregate import CampaignView
-from pipeline.app import Pipeline, create_pipeline
-from pipeline.benchmarks import table_for_env
-from pipeline.declare import TopicsError, declare_pipeline_topics
-from pipeline.diagnosis import diagnose_view
+from pipeline.diagnosis.benchmarks import table_for_env
+from pipeline.diagnosis.diagnose import diagnose_view
+from pipeline.http.security import check_listeners, warn_open_endpoints
+from pipeline.http.server import IngestService, WebApp
 from pipeline.ingest.producer import EventProducer
 from pipeline.ingest.webhooks import add_webhook_routes, unsupported_for_sources
-from pipeline.metrics import FunnelCollector, HealthCounters, LagCollector
-from pipeline.security import check_listeners, warn_open_endpoints
+from pipeline.kafka import compat
+from pipeline.kafka.declare import TopicsError, declare_pipeline_topics
+from pipeline.kafka.topics import PARTIALS_TOPIC, RAW_TOPICS
+from pipeline.metrics.collector import FunnelCollector, HealthCounters, LagCollector
+from pipeline.rules.aggregate import CampaignView
 from pipeline.settings import Settings
-from pipeline.topics import PARTIALS_TOPIC, RAW_TOPICS
-from pipeline.web import IngestService, WebApp
+from pipeline.stages.topology import Pipeline, create_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def consumer_lag(app: faust.App) -> dict[tuple[str, int], int]:
             continue
         if highwater is None:
             continue
-        read = faust_compat.read_offset(consumer, tp)
+        read = compat.read_offset(consumer, tp)
         lags[(tp.topic, tp.partition)] = max(0, highwater - ((read + 1) if read is not None else 0))
     return lags
 
@@ -79,13 +79,15 @@ def build_worker(settings: Settings) -> tuple[Pipeline, HttpService]:
         doc = diagnose_view(view, settings, unsupported_rates(view))
         return doc["bottleneck"], doc["advice"]
 
-    registry.register(FunnelCollector(settings, pipeline.aggregate.views, unsupported_rates, diagnose_metric))
-    registry.register(LagCollector(lambda: consumer_lag(pipeline.app), lambda: producer.healthy))
+    registry.register(
+        FunnelCollector(settings, pipeline.rules.aggregate.views, unsupported_rates, diagnose_metric)
+    )
+    registry.register(LagCollector(lambda: consumer_lag(pipeline.stages.topology), lambda: producer.healthy))
     web = WebApp(
         settings,
         ingest,
         registry,
-        pipeline.aggregate.views,
+        pipeline.rules.aggregate.views,
         pipeline.consuming,
         unsupported_rates,
         diagnose=lambda view: diagnose_view(view, settings, unsupported_rates(view)),
@@ -99,9 +101,11 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     pipeline, http = build_worker(settings)
     try:
         declare_pipeline_topics(
-            settings.broker or "", pipeline.topics, settings.partitions, settings.replication
+            settings.broker or "", pipeline.kafka.topics, settings.partitions, settings.replication
         )
     except TopicsError as exc:
         raise SystemExit(f"the worker cannot start: {exc}") from exc
-    worker = faust.Worker(pipeline.app, http, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker = faust.Worker(
+        pipeline.stages.topology, http, loglevel=loglevel, quiet=True, redirect_stdouts=False
+    )
     worker.execute_from_commandline()

@@ -2,7 +2,7 @@
 its jars) and worker processes.
 
 A test marked ``@pytest.mark.brokers("tansu", "kafka")`` runs once per broker kind: ``kafka``
-is a single Apache Kafka node of the default version (:data:`pipeline.kafka.KAFKA_VERSION`),
+is a single Apache Kafka node of the default version (:data:`pipeline.kafka.local.KAFKA_VERSION`),
 ``kafka-<version>`` another version. Unmarked tests get Tansu."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipeline.broker import EmbeddedBroker, free_port
-from pipeline.kafka import KAFKA_VERSION, KafkaCluster
+from pipeline.kafka.local import KAFKA_VERSION, KafkaCluster
+from pipeline.kafka.tansu import EmbeddedBroker, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

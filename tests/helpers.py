@@ -12,7 +12,7 @@ from urllib.parse import quote
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.simulate import Traffic, expected_rates
+from pipeline.simulation.traffic import Traffic, expected_rates
 
 
 def nonzero(counts: dict[str, int]) -> dict[str, int]:

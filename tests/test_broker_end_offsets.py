@@ -9,7 +9,7 @@ from aiokafka import AIOKafkaProducer
 from faust.types import TP
 
 from pipeline.bench.common import create_topics
-from pipeline.broker import EmbeddedBroker, EndOffsetsError, true_end_offsets
+from pipeline.kafka.tansu import EmbeddedBroker, EndOffsetsError, true_end_offsets
 
 
 async def _write_batches(address: str, topic: str, sizes: list[int]) -> None:

@@ -13,7 +13,7 @@ from conftest import ROOT, WorkerProcess
 from helpers import assert_exact, wait_for_counts
 
 from pipeline.settings import Settings, SettingsError, broker_servers
-from pipeline.simulate import generate, send
+from pipeline.simulation.traffic import generate, send
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 Hypothesis draws arbitrary ids (separators, quotes, backslashes, unicode, colliding shapes),
 event orders, redeliveries and crashes. The model follows the dedupe stage: events are
-applied in chunks; subscriber records are stored (encoded with :mod:`pipeline.codec`) before
+applied in chunks; subscriber records are stored (encoded with :mod:`pipeline.state.codec`) before
 partials; a crash loses whatever was not stored, and the chunk is replayed onto the stored
 records from the last stored partials, so the replay is recomputed from what the records
 remember, not skipped by a partial's own position. Crashes may also change the window sizes
@@ -18,11 +18,11 @@ from typing import Any
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pipeline import codec
-from pipeline.aggregate import combine
-from pipeline.codec import Partial, SubscriberRecord
-from pipeline.dedupe import Rules, apply, stamp_of
-from pipeline.topics import TOPIC_CODES, raw_topic
+from pipeline.kafka.topics import TOPIC_CODES, raw_topic
+from pipeline.rules.aggregate import combine
+from pipeline.rules.dedupe import Rules, apply, stamp_of
+from pipeline.state import codec
+from pipeline.state.codec import Partial, SubscriberRecord
 
 LATENESS = 10**9  # nothing is late: the oracle needs no watermarks
 T0 = 1_700_000_000

@@ -14,7 +14,7 @@ import yaml
 from deploy_helpers import DEPLOY, ROOT, require_tool
 
 from pipeline.credentials import provider_credentials, provider_users
-from pipeline.security import check_listeners
+from pipeline.http.security import check_listeners
 from pipeline.settings import Settings, SettingsError
 
 COMPOSE = ROOT / "docker-compose.yml"

@@ -11,9 +11,9 @@ import json
 
 import pytest
 
-from pipeline.aggregate import CampaignView
-from pipeline.benchmarks import DEFAULT_TABLE, BenchmarkError, table_for_env, table_from_mapping
-from pipeline.diagnosis import diagnose, diagnose_view, volume_needed, wilson
+from pipeline.diagnosis.benchmarks import DEFAULT_TABLE, BenchmarkError, table_for_env, table_from_mapping
+from pipeline.diagnosis.diagnose import diagnose, diagnose_view, volume_needed, wilson
+from pipeline.rules.aggregate import CampaignView
 from pipeline.settings import Settings, SettingsError
 from pipeline.worker import build_worker
 

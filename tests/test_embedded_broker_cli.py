@@ -18,8 +18,8 @@ import pytest
 from conftest import ROOT, WorkerProcess
 from helpers import alive, assert_exact, children, port_open, wait_for_counts
 
-from pipeline.broker import free_port, wait_for_port
-from pipeline.simulate import generate
+from pipeline.kafka.tansu import free_port, wait_for_port
+from pipeline.simulation.traffic import generate
 
 
 @contextlib.contextmanager

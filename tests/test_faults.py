@@ -18,8 +18,8 @@ import pytest
 from conftest import WorkerProcess
 from helpers import assert_exact, campaign_doc, nonzero, scrape, wait_for_counts
 
-from pipeline.broker import EmbeddedBroker, free_port, wait_for_port
-from pipeline.simulate import Traffic, generate, send
+from pipeline.kafka.tansu import EmbeddedBroker, free_port, wait_for_port
+from pipeline.simulation.traffic import Traffic, generate, send
 
 
 def report(name: str, traffic: Traffic, acknowledged: int, docs: dict) -> None:
@@ -175,7 +175,7 @@ def test_rebalance_second_worker_joins_then_leaves(broker, tmp_path, workers):
 
 def _partial_truth(traffic: Traffic, upto: int):
     """Ground truth of a prefix of the stream, recomputed the simulator's way."""
-    from pipeline.simulate import Truth
+    from pipeline.simulation.traffic import Truth
 
     truth = Truth(traffic.truth.windows)
     seen_ids: set[str] = set()

@@ -1,4 +1,4 @@
-"""One test per assumption ``pipeline.faust_compat`` makes about faust-streaming and aiokafka.
+"""One test per assumption ``pipeline.kafka.compat`` makes about faust-streaming and aiokafka.
 
 An upgrade of either library that moves or changes one of these internals fails here, in CI,
 and not silently in production. (The seek-back behaviour itself runs against a real broker in
@@ -17,7 +17,7 @@ import faust
 import pytest
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
-from pipeline import faust_compat
+from pipeline.kafka import compat
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,21 +40,21 @@ def test_the_tested_versions_are_the_pinned_ones():
         for dep in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
         if "==" in dep
     )
-    assert {name: pins[name] for name in faust_compat.TESTED_VERSIONS} == faust_compat.TESTED_VERSIONS
-    assert faust.__version__ == faust_compat.TESTED_VERSIONS["faust-streaming"]
-    assert aiokafka.__version__ == faust_compat.TESTED_VERSIONS["aiokafka"]
+    assert {name: pins[name] for name in compat.TESTED_VERSIONS} == compat.TESTED_VERSIONS
+    assert faust.__version__ == compat.TESTED_VERSIONS["faust-streaming"]
+    assert aiokafka.__version__ == compat.TESTED_VERSIONS["aiokafka"]
 
 
 def test_every_internal_is_where_it_is_expected():
-    faust_compat.check()  # raises CompatError naming what moved
+    compat.check()  # raises CompatError naming what moved
 
 
 def test_a_missing_internal_stops_the_start_loudly(monkeypatch):
     from faust.stores import rocksdb
 
     monkeypatch.delattr(rocksdb.Store, "_db_for_partition")
-    with pytest.raises(faust_compat.CompatError, match="_db_for_partition is gone"):
-        faust_compat.check()
+    with pytest.raises(compat.CompatError, match="_db_for_partition is gone"):
+        compat.check()
 
 
 def test_patched_methods_keep_their_signatures():
@@ -76,12 +76,12 @@ def test_patched_methods_keep_their_signatures():
 
 
 async def test_install_patches_once_and_the_consumer_gets_the_short_wait(app):
-    faust_compat.install()
-    faust_compat.install()  # twice: still one wrapper
+    compat.install()
+    compat.install()  # twice: still one wrapper
     thread = faust_aiokafka.AIOKafkaConsumerThread(app.consumer)
     consumer = thread._create_worker_consumer(app.transport)
-    assert consumer._fetch_max_wait_ms == faust_compat.FETCH_MAX_WAIT_MS
-    assert faust_aiokafka.AIOKafkaConsumerThread.seek_to_committed is faust_compat._seek_to_committed
+    assert consumer._fetch_max_wait_ms == compat.FETCH_MAX_WAIT_MS
+    assert faust_aiokafka.AIOKafkaConsumerThread.seek_to_committed is compat._seek_to_committed
 
 
 def test_a_table_access_goes_to_the_current_events_partition():
@@ -89,23 +89,23 @@ def test_a_table_access_goes_to_the_current_events_partition():
         pass
 
     event = Event()
-    with faust_compat.on_partition_of(event):
+    with compat.on_partition_of(event):
         assert faust.streams.current_event() is event
     assert faust.streams.current_event() is None
 
 
 def test_the_rocksdb_handle_of_a_partition_is_rocksdict(app):
     table = app.Table("t", partitions=2, key_type=bytes, value_type=bytes)
-    db = faust_compat.partition_db(table, 1)
+    db = compat.partition_db(table, 1)
     db.put(b"k", b"v")
     assert db.get([b"k"]) == [b"v"]  # multi-get, as the dedupe stage reads
-    assert faust_compat.partition_db(table, 1) is db
+    assert compat.partition_db(table, 1) is db
     memory = faust.App("compat-memory", store="memory://", autodiscover=False, web_enabled=False)
-    assert faust_compat.partition_db(memory.Table("m", partitions=1), 0) is None
+    assert compat.partition_db(memory.Table("m", partitions=1), 0) is None
 
 
 def test_the_consumer_keeps_read_offsets_and_the_app_a_leader_topic_and_recovery(app):
-    assert faust_compat.read_offset(app.consumer, ("t", 0)) is None
-    assert faust_compat.leader_topic(app).get_topic_name() == "compat-test-__assignor-__leader"
-    assert faust_compat.recovery_completed(app) is False
+    assert compat.read_offset(app.consumer, ("t", 0)) is None
+    assert compat.leader_topic(app).get_topic_name() == "compat-test-__assignor-__leader"
+    assert compat.recovery_completed(app) is False
     assert [(u.host, u.port) for u in app.conf.broker] == [("127.0.0.1", 1), ("other", 2)]

@@ -7,12 +7,12 @@ import random
 import orjson
 import pytest
 
-from pipeline.aggregate import combine
-from pipeline.codec import Partial, SubscriberRecord, decode_record, encode_record
-from pipeline.dedupe import apply_event, stamp_of
 from pipeline.events import routing_key, validate_event
-from pipeline.simulate import generate
-from pipeline.topics import TOPIC_CODES, partition_for, raw_topic
+from pipeline.kafka.topics import TOPIC_CODES, partition_for, raw_topic
+from pipeline.rules.aggregate import combine
+from pipeline.rules.dedupe import apply_event, stamp_of
+from pipeline.simulation.traffic import generate
+from pipeline.state.codec import Partial, SubscriberRecord, decode_record, encode_record
 
 WINDOWS = (300, 3600)
 
@@ -70,7 +70,7 @@ def test_rules_match_ground_truth(replay):
 
 def test_redelivery_dropped_up_to_the_48h_horizon():
     """Event ids are remembered for the retention (48 h by default) in wall-clock time."""
-    from pipeline.codec import NAME_BITS
+    from pipeline.state.codec import NAME_BITS
 
     event = validate_event(
         {
@@ -130,7 +130,7 @@ def test_click_seconds_after_delivery_is_a_scanner():
 def test_records_written_before_int_stamps_keep_their_decisions():
     """A record stored by the earlier format ([topic, position] pairs under "i") is upgraded on
     read: a replay of its event recomputes the same contribution, a redelivery is a duplicate."""
-    from pipeline.dedupe import STAMP_SPAN
+    from pipeline.rules.dedupe import STAMP_SPAN
 
     old = {
         "i": {"e1": [3, 5 * STAMP_SPAN + 2, 0, 1_700_000_000]},

@@ -17,7 +17,7 @@ import pytest
 from helpers import assert_exact, scrape, wait_for_counts
 
 from pipeline.events import EVENT_SCHEMA
-from pipeline.simulate import Traffic, Truth, generate, send
+from pipeline.simulation.traffic import Traffic, Truth, generate, send
 
 MAX = EVENT_SCHEMA["properties"]["campaign_id"]["maxLength"]
 

@@ -9,7 +9,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 from conftest import WorkerProcess
 
-from pipeline.topics import DEAD_LETTER_TOPIC
+from pipeline.kafka.topics import DEAD_LETTER_TOPIC
 
 
 def good(i: int, **extra) -> dict:

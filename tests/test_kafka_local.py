@@ -13,10 +13,10 @@ import pytest
 from conftest import ROOT, WorkerProcess
 from helpers import alive, children, port_open
 
-from pipeline.broker import free_port
-from pipeline.declare import TopicSpec, declare_topics
-from pipeline.kafka import KAFKA_VERSION
-from pipeline.topics import PARTIALS_TOPIC, RAW_TOPICS
+from pipeline.kafka.declare import TopicSpec, declare_topics
+from pipeline.kafka.local import KAFKA_VERSION
+from pipeline.kafka.tansu import free_port
+from pipeline.kafka.topics import PARTIALS_TOPIC, RAW_TOPICS
 
 
 def test_pipeline_kafka_starts_a_broker_and_stops_it_on_sigterm(tmp_path: Path) -> None:

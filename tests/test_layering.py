@@ -16,20 +16,27 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 # A module matches the longest prefix listed; every module of the package must match one.
 LAYERS: list[tuple[str, ...]] = [
     # pure: formats, rules and definitions, free of I/O
-    ("pipeline", "pipeline.codec", "pipeline.failpoints", "pipeline.rates", "pipeline.identity"),
-    ("pipeline.events", "pipeline.dedupe", "pipeline.aggregate", "pipeline.ingest.providers"),
-    ("pipeline.topics", "pipeline.credentials"),
+    (
+        "pipeline",
+        "pipeline.state.codec",
+        "pipeline.failpoints",
+        "pipeline.rules.rates",
+        "pipeline.ingest.identity",
+    ),
+    ("pipeline.events", "pipeline.rules", "pipeline.ingest.providers"),
+    ("pipeline.kafka.topics", "pipeline.credentials"),
     ("pipeline.settings",),
-    ("pipeline.benchmarks", "pipeline.diagnosis", "pipeline.security", "pipeline.kafka", "pipeline.broker"),
-    ("pipeline.declare", "pipeline.faust_compat", "pipeline.metrics"),
+    ("pipeline.diagnosis", "pipeline.http.security", "pipeline.kafka"),
+    ("pipeline.kafka.compat", "pipeline.metrics"),
+    ("pipeline.state",),
     # I/O: ingest, the stages, the HTTP side
     ("pipeline.ingest.producer",),
-    ("pipeline.agents",),
-    ("pipeline.app", "pipeline.web"),
+    ("pipeline.stages",),
+    ("pipeline.http",),
     ("pipeline.ingest.webhooks",),
     ("pipeline.worker",),
     # tools and the command line
-    ("pipeline.simulate", "pipeline.report", "pipeline.bench"),
+    ("pipeline.simulation", "pipeline.diagnosis.report", "pipeline.bench"),
     ("pipeline.cli", "pipeline.__main__"),
 ]
 
@@ -120,15 +127,15 @@ def test_the_check_sees_imports_inside_functions_and_relative_ones(tmp_path):
     module = tmp_path / "m.py"
     module.write_text(
         "from typing import TYPE_CHECKING\n"
-        "if TYPE_CHECKING:\n    from pipeline.web import WebApp\n"
+        "if TYPE_CHECKING:\n    from pipeline.http.server import WebApp\n"
         "def f():\n    from pipeline.settings import Settings\n"
-        "import pipeline.codec\n"
+        "import pipeline.state.codec\n"
         "from .producer import EventProducer\n"
     )
     assert imports_of(module, "pipeline.ingest") == {
         "pipeline.settings",
         "pipeline.settings.Settings",
-        "pipeline.codec",
+        "pipeline.state.codec",
         "pipeline.ingest.producer",
         "pipeline.ingest.producer.EventProducer",
     }

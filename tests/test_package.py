@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipeline.broker import free_port
+from pipeline.kafka.tansu import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENT = {

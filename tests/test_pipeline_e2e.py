@@ -9,7 +9,7 @@ import math
 import pytest
 from helpers import assert_exact, scrape, wait_for_counts
 
-from pipeline.simulate import expected_rates, generate, send
+from pipeline.simulation.traffic import expected_rates, generate, send
 
 pytestmark = pytest.mark.brokers("tansu", "kafka", "kafka-3.9.1")
 

@@ -16,7 +16,7 @@ import httpx
 from conftest import WorkerProcess
 from deploy_helpers import DEPLOY, dashboard_queries, require_tool, substitute, variable_queries
 
-from pipeline.broker import free_port
+from pipeline.kafka.tansu import free_port
 
 
 def start_prometheus(tmp_path: Path, targets: list[str]) -> tuple[subprocess.Popen, str]:

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from pipeline.events import validate_event
-from pipeline.identity import pseudonymise
+from pipeline.ingest.identity import pseudonymise
 from pipeline.ingest.providers import PayloadError, ReplayCache, SignatureError, WebhookRequest
 from pipeline.ingest.providers.mailgun import MailgunAdapter
 

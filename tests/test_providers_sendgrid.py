@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from pipeline.events import validate_event
-from pipeline.identity import pseudonymise
+from pipeline.ingest.identity import pseudonymise
 from pipeline.ingest.providers import ADAPTERS, ConfigError, PayloadError, SignatureError, WebhookRequest
 from pipeline.ingest.providers.sendgrid import SIG_HEADER, TS_HEADER
 

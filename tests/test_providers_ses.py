@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from pipeline.events import validate_event
-from pipeline.identity import pseudonymise
+from pipeline.ingest.identity import pseudonymise
 from pipeline.ingest.providers import PayloadError, SignatureError, UpstreamError, WebhookRequest
 from pipeline.ingest.providers.ses import SesAdapter, sign
 

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from pipeline.events import validate_event
-from pipeline.identity import pseudonymise
+from pipeline.ingest.identity import pseudonymise
 from pipeline.ingest.providers import ADAPTERS, PayloadError, SignatureError, WebhookRequest
 
 SALT = b"test-salt"

@@ -12,12 +12,12 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from aiohttp import web
 
-from pipeline.aggregate import CampaignView
-from pipeline.broker import free_port
-from pipeline.diagnosis import diagnose_view
-from pipeline.report import build_rows, fetch_campaigns, format_report
+from pipeline.diagnosis.diagnose import diagnose_view
+from pipeline.diagnosis.report import build_rows, fetch_campaigns, format_report
+from pipeline.http.server import campaign_document
+from pipeline.kafka.tansu import free_port
+from pipeline.rules.aggregate import CampaignView
 from pipeline.settings import Settings
-from pipeline.web import campaign_document
 
 SETTINGS = Settings()
 

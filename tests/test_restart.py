@@ -10,7 +10,7 @@ import time
 from conftest import WorkerProcess
 from helpers import assert_exact, wait_for_counts
 
-from pipeline.simulate import generate, send
+from pipeline.simulation.traffic import generate, send
 
 
 def test_restart_with_lost_local_state(broker, tmp_path, workers):

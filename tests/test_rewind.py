@@ -8,8 +8,8 @@ import asyncio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from pipeline.bench.common import create_topics
-from pipeline.broker import EmbeddedBroker
-from pipeline.faust_compat import seek_to_committed
+from pipeline.kafka.compat import seek_to_committed
+from pipeline.kafka.tansu import EmbeddedBroker
 
 
 async def _scenario(address: str) -> tuple[dict, dict]:

@@ -30,10 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from pipeline.broker import EmbeddedBroker, free_port, true_end_offsets
-from pipeline.identity import pseudonymise
-from pipeline.ingest.providers import ADAPTERS
-from pipeline.security import (
+from pipeline.http.security import (
     MIN_SALT_LENGTH,
     SALT_FILE_NAME,
     check_listeners,
@@ -41,8 +38,11 @@ from pipeline.security import (
     is_loopback,
     provider_credentials,
 )
+from pipeline.ingest.identity import pseudonymise
+from pipeline.ingest.providers import ADAPTERS
+from pipeline.kafka.tansu import EmbeddedBroker, free_port, true_end_offsets
+from pipeline.kafka.topics import DEAD_LETTER_TOPIC, RAW_TOPICS
 from pipeline.settings import Settings, SettingsError
-from pipeline.topics import DEAD_LETTER_TOPIC, RAW_TOPICS
 
 SALT = "0123456789abcdef" * 4  # 64 characters
 TOKEN = "ingest-token-for-the-test-7f3a9c"

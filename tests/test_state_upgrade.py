@@ -22,7 +22,7 @@ from conftest import ROOT, WorkerProcess
 from helpers import assert_exact, nonzero, wait_for_counts
 
 from pipeline.bench.common import produce_batched
-from pipeline.simulate import Traffic, generate, send
+from pipeline.simulation.traffic import Traffic, generate, send
 
 # main before the record keys and formats were versioned (the format users run today)
 UNVERSIONED_FORMATS_COMMIT = "bd7d98b9409547d249bf96ebc88b277a0a5aea01"

@@ -20,7 +20,7 @@ from cryptography.x509.oid import NameOID
 from helpers import nonzero, rates_equal
 
 from pipeline.ingest.providers import ADAPTERS, WebhookRequest
-from pipeline.simulate import Truth, expected_rates
+from pipeline.simulation.traffic import Truth, expected_rates
 
 SALT = b"test-salt"
 BODY_SIGNED = ("sendgrid", "mandrill", "ses")

@@ -101,7 +101,7 @@ async def produce_single(broker: str, topic: str, events: list[dict[str, Any]], 
     from aiokafka import AIOKafkaProducer
 
     from pipeline.events import routing_key
-    from pipeline.topics import partition_for
+    from pipeline.kafka.topics import partition_for
 
     producer = AIOKafkaProducer(bootstrap_servers=broker, acks="all", linger_ms=5, enable_idempotence=False)
     await producer.start()

@@ -33,7 +33,7 @@ class Worker:
     """A ``pipeline worker`` process with its HTTP port."""
 
     def __init__(self, broker: str, workdir: Path, name: str = "ingest") -> None:
-        from pipeline.broker import free_port
+        from pipeline.kafka.tansu import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

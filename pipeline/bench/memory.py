@@ -4,7 +4,7 @@ Writes N subscriber records exactly as the dedupe stage stores them (key
 ``channel|campaign|subscriber``, an orjson record with the event id, its stamp and the
 uniqueness flags overall and per window) into one rocksdict database per partition (4, as a
 worker owning every partition has) opened through Faust's
-``RocksDBOptions`` with :data:`pipeline.app.ROCKSDB_LARGE`, in write batches of 25,000 like
+``RocksDBOptions`` with :data:`pipeline.stages.topology.ROCKSDB_LARGE`, in write batches of 25,000 like
 the stage's chunks, then reads a sample back with multi-gets. Reports peak RSS, the RSS
 growth per million subscribers, and the size on disk. Run in its own process:
 ``python -m pipeline.bench.memory --subscribers N --dir D --status FILE``.
@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import codec
 from pipeline.bench.common import peak_rss_mib, rss_mib, write_json
-from pipeline.codec import Partial, SubscriberRecord
-from pipeline.dedupe import Rules, apply, stamp_of
+from pipeline.rules.dedupe import Rules, apply, stamp_of
+from pipeline.state import codec
+from pipeline.state.codec import Partial, SubscriberRecord
 
 BATCH = 25_000
 PARTITIONS = 4
@@ -43,7 +43,7 @@ def record(n: int, now: int) -> tuple[bytes, bytes]:
 
 @functools.cache
 def _shape(now: int) -> SubscriberRecord:
-    """A record after one e-mail click, made by :func:`pipeline.dedupe.apply` itself."""
+    """A record after one e-mail click, made by :func:`pipeline.rules.dedupe.apply` itself."""
     event = {
         "event_id": "first",
         "type": "click",
@@ -62,7 +62,7 @@ def run(subscribers: int, directory: Path) -> dict[str, Any]:
     from faust.stores.rocksdb import RocksDBOptions
     from rocksdict import WriteBatch
 
-    from pipeline.app import ROCKSDB_LARGE
+    from pipeline.stages.topology import ROCKSDB_LARGE
 
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)

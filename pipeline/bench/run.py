@@ -24,8 +24,8 @@ from typing import Any
 from pipeline.bench import baseline, ceiling, ingest, latency, memory, scale, topology
 from pipeline.bench.common import create_topics, produce_single, progress, run_async
 from pipeline.bench.data import generate
-from pipeline.broker import EmbeddedBroker
-from pipeline.topics import raw_topic
+from pipeline.kafka.tansu import EmbeddedBroker
+from pipeline.kafka.topics import raw_topic
 
 SINGLE_TOPIC = "bench.single"
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.bench.common import produce_batched, progress, read_json, run_async
 from pipeline.bench.topology import compare, start_worker, stop_worker
-from pipeline.topics import raw_topic
+from pipeline.kafka.topics import raw_topic
 
 
 def measure(broker: str, workload, workdir: Path, timeout: float = 180.0) -> dict[str, Any]:

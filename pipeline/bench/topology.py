@@ -1,4 +1,4 @@
-"""The real topology: :func:`pipeline.app.create_pipeline` in a worker process of its own.
+"""The real topology: :func:`pipeline.stages.topology.create_pipeline` in a worker process of its own.
 
 Run as ``python -m pipeline.bench.topology --status FILE --expect N`` with the usual
 ``PIPELINE_*`` environment. The stages are the pipeline's own; this runner only watches them:
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.bench.common import peak_rss_mib, rss_mib, write_json
-from pipeline.codec import snapshot_seq
+from pipeline.state.codec import snapshot_seq
 
 
 def cpu_seconds() -> float:
@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import faust
 
-    from pipeline.app import create_pipeline
     from pipeline.settings import Settings
+    from pipeline.stages.topology import create_pipeline
 
     settings = Settings.from_env()
     pipeline = create_pipeline(settings)
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         "assigned": [],
     }
     seqs: dict[tuple[bytes, int], int] = {}
-    dedupe_process = pipeline.dedupe.process_batch
-    aggregate_process = pipeline.aggregate.process
+    dedupe_process = pipeline.rules.dedupe.process_batch
+    aggregate_process = pipeline.rules.aggregate.process
     profiler = None
 
     async def dedupe_wrapped(events: list) -> int:
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             finish()
 
     def finish() -> None:
-        views = pipeline.aggregate.views()
+        views = pipeline.rules.aggregate.views()
         state["campaigns"] = {
             f"{v.channel}|{v.campaign}": {
                 "counts": {k: n for k, n in v.totals.items() if n},
@@ -121,19 +121,21 @@ def main(argv: list[str] | None = None) -> int:
         state["peak_rss_mib"] = peak_rss_mib()
         state["rss_mib"] = rss_mib()
         try:
-            state["assigned"] = sorted([tp.topic, tp.partition] for tp in pipeline.app.consumer.assignment())
+            state["assigned"] = sorted(
+                [tp.topic, tp.partition] for tp in pipeline.stages.topology.consumer.assignment()
+            )
         except Exception:
             pass
         write_json(status_path, state)
 
-    pipeline.dedupe.process_batch = dedupe_wrapped  # type: ignore[method-assign]
-    pipeline.aggregate.process = aggregate_wrapped  # type: ignore[method-assign]
+    pipeline.rules.dedupe.process_batch = dedupe_wrapped  # type: ignore[method-assign]
+    pipeline.rules.aggregate.process = aggregate_wrapped  # type: ignore[method-assign]
 
-    @pipeline.app.timer(interval=0.5)
+    @pipeline.stages.topology.timer(interval=0.5)
     async def report() -> None:
         write_status()
 
-    worker = faust.Worker(pipeline.app, loglevel="warning", quiet=True, redirect_stdouts=False)
+    worker = faust.Worker(pipeline.stages.topology, loglevel="warning", quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()
     return 0
 
@@ -172,7 +174,7 @@ def start_worker(
     import subprocess
     import sys
 
-    from pipeline.broker import free_port
+    from pipeline.kafka.tansu import free_port
 
     status = workdir / f"{name}.status.json"
     status.unlink(missing_ok=True)

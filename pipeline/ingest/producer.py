@@ -20,8 +20,14 @@ from aiokafka.errors import KafkaError, NoError, for_code
 from aiokafka.protocol.transaction import InitProducerIdRequest
 
 from pipeline.events import routing_key
+from pipeline.kafka.topics import (
+    DEAD_LETTER_TOPIC,
+    VALIDATED_HEADER,
+    VALIDATED_VALUE,
+    partition_for,
+    raw_topic,
+)
 from pipeline.settings import Settings
-from pipeline.topics import DEAD_LETTER_TOPIC, VALIDATED_HEADER, VALIDATED_VALUE, partition_for, raw_topic
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 900_000  # under the broker's default 1 MB message limit

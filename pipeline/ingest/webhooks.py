@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
+from pipeline.http.security import served_endpoints
 from pipeline.ingest.producer import BrokerUnavailable
 from pipeline.ingest.providers import (
     ADAPTERS,
@@ -27,13 +28,12 @@ from pipeline.ingest.providers import (
     WebhookRequest,
 )
 from pipeline.ingest.providers.ses import SesAdapter, fetch_certificate
-from pipeline.security import served_endpoints
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
-    from pipeline.web import IngestService, WebApp
+    from pipeline.http.server import IngestService, WebApp
 
-from pipeline.web import Overloaded
+from pipeline.http.server import Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class WebhookHandler:
         self.adapters = {name: adapter for name, adapter in adapters.items() if name in served}
 
     def _json(self, doc: dict[str, Any], status: int) -> web.Response:
-        from pipeline.web import json_response
+        from pipeline.http.server import json_response
 
         return json_response(doc, status)
 

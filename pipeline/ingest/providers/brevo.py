@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.identity import pseudonymise
+from pipeline.ingest.identity import pseudonymise
 
 from .common import (
     Collector,

@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 
 import orjson
 
-from pipeline.identity import pseudonymise
+from pipeline.ingest.identity import pseudonymise
 
 UNKNOWN_CAMPAIGN = "unknown"
 MAX_ID = 256  # schema maxLength of event_id / campaign_id

@@ -2,7 +2,7 @@
 
 Apache Kafka is the production broker; Tansu serves laptops, tests and CI. It rejects
 InitProducerId, so the idempotent producer is switched off against it (exact counts come from
-idempotent processing, see :mod:`pipeline.dedupe`).
+idempotent processing, see :mod:`pipeline.rules.dedupe`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Combine the per-partition partial counts of a campaign into its funnel, free of I/O.
 
 The aggregating agent keeps, per campaign, the latest snapshot of each partition's
-:class:`~pipeline.dedupe.Partial`. Snapshots are cumulative, so keeping the newest one per
+:class:`~pipeline.rules.dedupe.Partial`. Snapshots are cumulative, so keeping the newest one per
 partition (by ``seq``) is idempotent: a resent or replayed snapshot changes nothing.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from pipeline.codec import Partial, split_window_key
-from pipeline.dedupe import COUNT_NAMES
-from pipeline.rates import compute_rates
+from pipeline.rules.dedupe import COUNT_NAMES
+from pipeline.rules.rates import compute_rates
+from pipeline.state.codec import Partial, split_window_key
 
 
 def merge_snapshot(stored: dict[int, Partial], partition: int, snapshot: Partial) -> bool:

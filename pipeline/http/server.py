@@ -21,13 +21,13 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from pipeline.aggregate import CampaignView
 from pipeline.events import BodyError, iter_valid, parse_body
-from pipeline.identity import subscriber_id
+from pipeline.http.security import EVENTS, served_endpoints, tls_context
+from pipeline.ingest.identity import subscriber_id
 from pipeline.ingest.producer import BrokerUnavailable, EventProducer
-from pipeline.metrics import HealthCounters
-from pipeline.rates import compute_rates, definitions
-from pipeline.security import EVENTS, served_endpoints, tls_context
+from pipeline.metrics.collector import HealthCounters
+from pipeline.rules.aggregate import CampaignView
+from pipeline.rules.rates import compute_rates, definitions
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)

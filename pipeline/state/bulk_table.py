@@ -2,7 +2,7 @@
 
 Faust routes a table access to the store and changelog partition of the *current event*.
 A batch taken from a stream mixes partitions, so each partition's group of events is handled
-inside :func:`~pipeline.faust_compat.on_partition_of`, which makes one of its events current.
+inside :func:`~pipeline.kafka.compat.on_partition_of`, which makes one of its events current.
 
 :class:`BulkTable` reads and writes many keys of one partition at once: with the RocksDB store
 (rocksdict) it reads with one multi-get, writes with one ``WriteBatch`` and sends the changelog
@@ -23,7 +23,7 @@ from typing import Any
 
 from faust.types import TP, EventT
 
-from pipeline.faust_compat import app_producer, on_partition_of, partition_db
+from pipeline.kafka.compat import app_producer, on_partition_of, partition_db
 
 
 def group_by_partition(events: list[EventT]) -> dict[int, list[EventT]]:

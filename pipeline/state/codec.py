@@ -53,7 +53,7 @@ PARTIAL_FORMAT = 2
 SNAPSHOT_FORMAT = 2
 CAMPAIGN_FORMAT = 2
 
-Stamp = int  # an event's position: see pipeline.dedupe.stamp_of
+Stamp = int  # an event's position: see pipeline.rules.dedupe.stamp_of
 
 UNIQUE_EVENTS = ("click", "open", "human_open", "conversion")
 # Bit of each distinct-subscriber count in a record's flag words, in UNIQUE_EVENTS order.
@@ -300,7 +300,7 @@ def _upgrade_stamped(doc: dict[str, Any], sizes: list[int]) -> list[Any]:
 
 
 def _stamp(topic_code: int, position: int) -> Stamp:
-    # the stamp formula of pipeline.dedupe, for records stored before stamps were one int
+    # the stamp formula of pipeline.rules.dedupe, for records stored before stamps were one int
     return (position << 7) | (1 << 6) | topic_code
 
 

@@ -13,7 +13,7 @@ Each funnel is split into two levers whose product is the outcome:
   open rate and deflate CTOR; the raw ones are shown next to them.
 
 A lever's verdict compares the Wilson score interval of its rate with the benchmark range
-(:mod:`pipeline.benchmarks`): ``low`` when the whole interval is below the range, ``high`` when
+(:mod:`pipeline.diagnosis.benchmarks`): ``low`` when the whole interval is below the range, ``high`` when
 it is above, ``ok`` when it starts inside the range (not low), ``undecided`` when it straddles
 the bottom of the range (then ``more_needed`` estimates the extra denominator volume after
 which the interval, at the current rate, would clear the range's bottom).
@@ -37,8 +37,8 @@ from collections.abc import Mapping
 from statistics import NormalDist
 from typing import Any
 
-from pipeline.aggregate import CampaignView
-from pipeline.benchmarks import Benchmark, BenchmarkTable, Range, table_for_env
+from pipeline.diagnosis.benchmarks import Benchmark, BenchmarkTable, Range, table_for_env
+from pipeline.rules.aggregate import CampaignView
 from pipeline.settings import Settings, window_label
 
 ADS_BOTTLENECKS = ("ctr", "cvr", "both", "none")

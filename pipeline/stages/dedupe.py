@@ -3,14 +3,14 @@
 A batch (all messages a fetch delivered, up to ``batch_max``) is cut into chunks of about
 :data:`CHUNK_BYTES`. For every chunk, per partition: decode every message once, read every
 subscriber record and partial the chunk touches in one multi-get, apply the events in order
-(:mod:`pipeline.dedupe`), then write each changed record once. The rest of a chunk runs while
+(:mod:`pipeline.rules.dedupe`), then write each changed record once. The rest of a chunk runs while
 the next chunk is applied: once the records' changelog is acknowledged, each changed partial
 is written once, then every changed partial's snapshot goes to the aggregator keyed by
 campaign, and is acknowledged. Until a partial is stored, later chunks read it from memory.
 Offsets are committed only after the whole batch, so a crash at any point leaves either
 nothing or something a replay recomputes identically.
 
-Messages the ingest produced carry the :data:`~pipeline.topics.VALIDATED_HEADER`: their events
+Messages the ingest produced carry the :data:`~pipeline.kafka.topics.VALIDATED_HEADER`: their events
 were validated and normalised there, so they are not validated again. Every other message (a
 direct producer's single event, or an array) is validated event by event.
 """
@@ -29,13 +29,14 @@ from typing import Any
 import faust
 import orjson
 
-from pipeline import codec, failpoints
-from pipeline.agents.context import BulkTable, group_by_partition
-from pipeline.codec import Partial, SubscriberRecord, campaign_key, record_key
-from pipeline.dedupe import STAMP_SHIFT, STAMP_SPAN, Rules, apply, stamp_of
+from pipeline import failpoints
 from pipeline.events import EventError, validate_event
+from pipeline.kafka.topics import TOPIC_CODES, is_validated
+from pipeline.rules.dedupe import STAMP_SHIFT, STAMP_SPAN, Rules, apply, stamp_of
 from pipeline.settings import Settings
-from pipeline.topics import TOPIC_CODES, is_validated
+from pipeline.state import codec
+from pipeline.state.bulk_table import BulkTable, group_by_partition
+from pipeline.state.codec import Partial, SubscriberRecord, campaign_key, record_key
 
 log = logging.getLogger(__name__)
 

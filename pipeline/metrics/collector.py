@@ -15,9 +15,9 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from pipeline.aggregate import CampaignView
-from pipeline.dedupe import TOTAL_EVENTS, UNIQUE_EVENTS
-from pipeline.rates import compute_rates
+from pipeline.rules.aggregate import CampaignView
+from pipeline.rules.dedupe import TOTAL_EVENTS, UNIQUE_EVENTS
+from pipeline.rules.rates import compute_rates
 from pipeline.settings import Settings
 
 # the contract's event labels: every total the dedupe stage keeps except its internal bot_click

@@ -16,11 +16,11 @@ from typing import Any
 import faust
 import orjson
 
-from pipeline import faust_compat
-from pipeline.agents.aggregate import AggregateStage
-from pipeline.agents.dedupe import DedupeStage
+from pipeline.kafka import compat
+from pipeline.kafka.topics import DEAD_LETTER_TOPIC, PARTIALS_TOPIC, RAW_TOPICS
 from pipeline.settings import Settings
-from pipeline.topics import DEAD_LETTER_TOPIC, PARTIALS_TOPIC, RAW_TOPICS
+from pipeline.stages.aggregate import AggregateStage
+from pipeline.stages.dedupe import DedupeStage
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,12 @@ class Pipeline:
     dedupe: DedupeStage
     aggregate: AggregateStage
     dead_letter_topic: faust.TopicT
-    # every topic the worker reads or writes, created before it subscribes (pipeline.declare)
+    # every topic the worker reads or writes, created before it subscribes (pipeline.kafka.declare)
     topics: list[faust.TopicT] = field(default_factory=list)
 
     def consuming(self) -> bool:
         app = self.app
-        return faust_compat.recovery_completed(app) and not app.rebalancing
+        return compat.recovery_completed(app) and not app.rebalancing
 
 
 def tune_gc() -> None:
@@ -66,7 +66,7 @@ def tune_gc() -> None:
 
 
 def create_pipeline(settings: Settings) -> Pipeline:
-    faust_compat.install()
+    compat.install()
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -126,12 +126,12 @@ def create_pipeline(settings: Settings) -> Pipeline:
     dedupe = DedupeStage(settings, subscribers, partials, partials_topic, dead_letter)
     aggregate = AggregateStage(campaigns)
     pipeline = Pipeline(settings, app, dedupe, aggregate, dead_letter_topic)
-    pipeline.topics = [
+    pipeline.kafka.topics = [
         raw,
         partials_topic,
         dead_letter_topic,
         *(table.changelog_topic for table in (subscribers, partials, campaigns)),
-        faust_compat.leader_topic(app),
+        compat.leader_topic(app),
     ]
     tune_gc()
 

@@ -25,7 +25,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.diagnosis import wilson, z_value
+from pipeline.diagnosis.diagnose import wilson, z_value
 
 VERDICT_MARK = {"low": "low", "ok": "ok", "high": "high", "undecided": "?", "unsupported": "n/a"}
 # rates shown per channel: (key in the diagnosis evidence, column title, fallback contract rate)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import faust
 
-from pipeline import codec
-from pipeline.agents.context import group_by_partition, on_partition_of
-from pipeline.aggregate import CampaignView, combine, merge_snapshot
-from pipeline.codec import Partial
+from pipeline.rules.aggregate import CampaignView, combine, merge_snapshot
+from pipeline.state import codec
+from pipeline.state.bulk_table import group_by_partition, on_partition_of
+from pipeline.state.codec import Partial
 
 
 class AggregateStage:

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.codec import (
+from pipeline.state.codec import (
     HEURISTIC_BOT,
     LATE_BITS,
     NAME_BITS,

@@ -145,9 +145,9 @@ async def _seek_to_committed(self: Any) -> dict[TopicPartition, int | None]:
 
 def _read_true_highwaters() -> None:
     """Faust's changelog recovery reads end offsets with ListOffsets, which Tansu answers
-    short (:func:`pipeline.broker.true_end_offsets`); the consumer's ``highwaters`` is made to
+    short (:func:`pipeline.kafka.tansu.true_end_offsets`); the consumer's ``highwaters`` is made to
     read the real end from the log. On Apache Kafka it reads nothing new."""
-    from pipeline.broker import true_end_offsets
+    from pipeline.kafka.tansu import true_end_offsets
 
     original = faust_aiokafka.Consumer.highwaters
 

@@ -2,7 +2,7 @@
 
 A *range* is ``[low, high]`` as fractions (0.12 = 12 %). A rate is "low" only when its whole
 confidence interval lies below ``low`` and "high" only when it lies above ``high`` (see
-:mod:`pipeline.diagnosis`).
+:mod:`pipeline.diagnosis.diagnose`).
 
 Default table
 -------------

@@ -1,1 +1,0 @@
-"""Faust agents: ``dedupe`` (keyed by subscriber) feeds ``aggregate`` (keyed by campaign)."""

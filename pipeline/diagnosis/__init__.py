@@ -1,0 +1,1 @@
+"""Where a funnel is clogged: diagnosis, published benchmarks, the report command."""

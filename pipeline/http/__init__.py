@@ -1,0 +1,1 @@
+"""The HTTP listeners: routes, admin and public sides, exposure checks."""

@@ -1,0 +1,1 @@
+"""Prometheus: collectors that read the processing state at scrape time."""

@@ -1,0 +1,1 @@
+"""Pure funnel rules, free of I/O: redelivery and uniqueness, combining partitions, rates."""

@@ -1,0 +1,1 @@
+"""What is stored and how: the versioned formats and keys, bulk table access."""
