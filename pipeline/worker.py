@@ -80,14 +80,14 @@ def build_worker(settings: Settings) -> tuple[Pipeline, HttpService]:
         return doc["bottleneck"], doc["advice"]
 
     registry.register(
-        FunnelCollector(settings, pipeline.rules.aggregate.views, unsupported_rates, diagnose_metric)
+        FunnelCollector(settings, pipeline.aggregate.views, unsupported_rates, diagnose_metric)
     )
-    registry.register(LagCollector(lambda: consumer_lag(pipeline.stages.topology), lambda: producer.healthy))
+    registry.register(LagCollector(lambda: consumer_lag(pipeline.app), lambda: producer.healthy))
     web = WebApp(
         settings,
         ingest,
         registry,
-        pipeline.rules.aggregate.views,
+        pipeline.aggregate.views,
         pipeline.consuming,
         unsupported_rates,
         diagnose=lambda view: diagnose_view(view, settings, unsupported_rates(view)),
@@ -101,11 +101,11 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     pipeline, http = build_worker(settings)
     try:
         declare_pipeline_topics(
-            settings.broker or "", pipeline.kafka.topics, settings.partitions, settings.replication
+            settings.broker or "", pipeline.topics, settings.partitions, settings.replication
         )
     except TopicsError as exc:
         raise SystemExit(f"the worker cannot start: {exc}") from exc
     worker = faust.Worker(
-        pipeline.stages.topology, http, loglevel=loglevel, quiet=True, redirect_stdouts=False
+        pipeline.app, http, loglevel=loglevel, quiet=True, redirect_stdouts=False
     )
     worker.execute_from_commandline()

@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         "assigned": [],
     }
     seqs: dict[tuple[bytes, int], int] = {}
-    dedupe_process = pipeline.rules.dedupe.process_batch
-    aggregate_process = pipeline.rules.aggregate.process
+    dedupe_process = pipeline.dedupe.process_batch
+    aggregate_process = pipeline.aggregate.process
     profiler = None
 
     async def dedupe_wrapped(events: list) -> int:
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             finish()
 
     def finish() -> None:
-        views = pipeline.rules.aggregate.views()
+        views = pipeline.aggregate.views()
         state["campaigns"] = {
             f"{v.channel}|{v.campaign}": {
                 "counts": {k: n for k, n in v.totals.items() if n},
@@ -122,20 +122,20 @@ def main(argv: list[str] | None = None) -> int:
         state["rss_mib"] = rss_mib()
         try:
             state["assigned"] = sorted(
-                [tp.topic, tp.partition] for tp in pipeline.stages.topology.consumer.assignment()
+                [tp.topic, tp.partition] for tp in pipeline.app.consumer.assignment()
             )
         except Exception:
             pass
         write_json(status_path, state)
 
-    pipeline.rules.dedupe.process_batch = dedupe_wrapped  # type: ignore[method-assign]
-    pipeline.rules.aggregate.process = aggregate_wrapped  # type: ignore[method-assign]
+    pipeline.dedupe.process_batch = dedupe_wrapped  # type: ignore[method-assign]
+    pipeline.aggregate.process = aggregate_wrapped  # type: ignore[method-assign]
 
-    @pipeline.stages.topology.timer(interval=0.5)
+    @pipeline.app.timer(interval=0.5)
     async def report() -> None:
         write_status()
 
-    worker = faust.Worker(pipeline.stages.topology, loglevel="warning", quiet=True, redirect_stdouts=False)
+    worker = faust.Worker(pipeline.app, loglevel="warning", quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()
     return 0
 

@@ -126,7 +126,7 @@ def create_pipeline(settings: Settings) -> Pipeline:
     dedupe = DedupeStage(settings, subscribers, partials, partials_topic, dead_letter)
     aggregate = AggregateStage(campaigns)
     pipeline = Pipeline(settings, app, dedupe, aggregate, dead_letter_topic)
-    pipeline.kafka.topics = [
+    pipeline.topics = [
         raw,
         partials_topic,
         dead_letter_topic,
