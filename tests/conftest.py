@@ -30,6 +30,24 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "brokers(*kinds): run once per broker kind (tansu, kafka, kafka-<version>)"
     )
     config.addinivalue_line("markers", "slow: a 3-broker Apache Kafka cluster test (minutes; CI runs it)")
+    for name, what in SUITES.items():
+        config.addinivalue_line("markers", f"{name}: {what}")
+
+
+# One folder per suite; each test is marked with its folder's name (`pytest -m unit`, ...).
+SUITES = {
+    "unit": "pure rules, codecs, providers' parsing and signatures, diagnosis, layering: no broker, seconds",
+    "integration": "one worker or tool against a real broker over TCP",
+    "e2e": "faults, several processes, the installed wheel, soak",
+    "deploy": "Prometheus rules and alerts, dashboards, compose and Kubernetes files, with real tools",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        suite = Path(str(item.fspath)).relative_to(Path(__file__).parent).parts[0]
+        if suite in SUITES:
+            item.add_marker(suite)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -44,7 +62,10 @@ def broker_kind() -> str:
 
 
 @pytest.fixture
-def broker(broker_kind: str, tmp_path: Path) -> Iterator[EmbeddedBroker | KafkaCluster]:
+def broker(
+    broker_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[EmbeddedBroker | KafkaCluster]:
+    assert request.node.get_closest_marker("unit") is None, "unit tests run without a broker"
     if broker_kind == "tansu":
         with EmbeddedBroker(log_path=tmp_path / "broker.log") as running:
             yield running

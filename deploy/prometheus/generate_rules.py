@@ -3,7 +3,7 @@
 
 The recording rules are regular but long (8 rates x 2 channels x lifetime/windowed), so they are
 written by this script from one table instead of by hand. Run ``python deploy/prometheus/generate_rules.py``
-after editing; ``tests/test_deploy_rules.py`` checks the checked-in file is what this script writes.
+after editing; ``tests/deploy/test_deploy_rules.py`` checks the checked-in file is what this script writes.
 
 Everything lives in ONE rule group, in dependency order, so every rule of an evaluation sees the
 results of the rules above it from the same evaluation (Prometheus evaluates a group's rules in

@@ -7,7 +7,7 @@ where the app is made (``create_pipeline``), after :func:`check` has confirmed e
 internal is where this module expects it: a missing one stops the start with
 :class:`CompatError` instead of degrading quietly (without the RocksDB partition handle, for
 one, the dedupe stage would fall back to per-key writes and lose most of its speed).
-``tests/test_faust_compat.py`` holds one test per assumption (the attribute exists, the
+``tests/unit/test_faust_compat.py`` holds one test per assumption (the attribute exists, the
 signature matches, the behaviour relied on still holds), so an upgrade fails in CI.
 
 Written against the pinned faust-streaming 0.15.3 and aiokafka 0.14.0.

@@ -61,7 +61,7 @@ export type Json<T> = T extends string
 /** The panel plugins whose option schemas @grafana/schema publishes, by plugin id (a panel's
  * `type`), each with its `Options` and, where the plugin has one, its custom `FieldConfig`
  * (`never`: the plugin has no custom field config). The ids are those of Grafana's built-in panel
- * plugins; tests/test_deploy_grafana_schema.py checks this list against the package and against
+ * plugins; tests/deploy/test_deploy_grafana_schema.py checks this list against the package and against
  * grafana-foundation-sdk's panel registry, both generated from the same Grafana panel schemas.
  * (`xychart2` and `logs(new)` in the package are older or duplicate copies of `xychart` and
  * `logsnew` and are left out.) */

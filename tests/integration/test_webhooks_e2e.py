@@ -209,7 +209,7 @@ def test_refused_requests_produce_nothing(broker, tmp_path, workers, attack):
         headers, body = built[0]
         if attack == "tampered" and name not in BODY_SIGNED:
             # Mailgun signs timestamp + token, not the body (a tampered body is caught as a
-            # captured token reused with another body: tests/test_providers_mailgun.py);
+            # captured token reused with another body: tests/unit/test_providers_mailgun.py);
             # Postmark, SparkPost and Brevo sign nothing: credentials over https only
             continue
         if attack == "tampered":

@@ -19,7 +19,7 @@ import pytest
 
 from pipeline.kafka.tansu import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EVENT = {
     "event_id": "w-1",
     "type": "click",

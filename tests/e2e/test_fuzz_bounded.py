@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-HARNESS = Path(__file__).parent / "fuzz" / "fuzz_ingest.py"
+HARNESS = Path(__file__).parents[1] / "fuzz" / "fuzz_ingest.py"
 
 
 def test_atheris_bounded_run(tmp_path):
@@ -22,7 +22,7 @@ def test_atheris_bounded_run(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
-        cwd=Path(__file__).parent.parent,
+        cwd=Path(__file__).parents[2],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Done 200000 in" in proc.stderr

@@ -1,7 +1,7 @@
 """Soak: a steady load on loopback for PIPELINE_SOAK_SECONDS (600 for the documented run),
 sampling the worker's RSS. Memory must be flat once the dedupe state is at its steady size.
 
-Opt-in because of its length: ``PIPELINE_SOAK_SECONDS=600 pytest tests/test_soak.py -s``.
+Opt-in because of its length: ``PIPELINE_SOAK_SECONDS=600 pytest tests/e2e/test_soak.py -s``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A worker that lost its local state recovers it from the changelogs; the final numbers are exact.
 
-(SIGKILL at random points of a long stream: tests/test_faults.py.)"""
+(SIGKILL at random points of a long stream: tests/e2e/test_faults.py.)"""
 
 from __future__ import annotations
 

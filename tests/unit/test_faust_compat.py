@@ -2,7 +2,7 @@
 
 An upgrade of either library that moves or changes one of these internals fails here, in CI,
 and not silently in production. (The seek-back behaviour itself runs against a real broker in
-``tests/test_rewind.py``.)
+``tests/integration/test_rewind.py``.)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from pipeline.kafka import compat
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

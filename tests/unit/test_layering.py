@@ -1,6 +1,6 @@
 """The package's imports run one way: no cycles, and no module imports a layer above its own.
 
-Run alone: ``pytest tests/test_layering.py``. Every ``import`` and ``from ... import`` in
+Run alone: ``pytest tests/unit/test_layering.py``. Every ``import`` and ``from ... import`` in
 ``pipeline/`` counts, at module level or inside a function, except those under
 ``if TYPE_CHECKING:`` (annotations only, never executed).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
+PACKAGE = Path(__file__).resolve().parents[2] / "pipeline"
 
 # Lower layers first. A module may import modules of its own layer or of layers below it.
 # A module matches the longest prefix listed; every module of the package must match one.
