@@ -79,9 +79,7 @@ def build_worker(settings: Settings) -> tuple[Pipeline, HttpService]:
         doc = diagnose_view(view, settings, unsupported_rates(view))
         return doc["bottleneck"], doc["advice"]
 
-    registry.register(
-        FunnelCollector(settings, pipeline.aggregate.views, unsupported_rates, diagnose_metric)
-    )
+    registry.register(FunnelCollector(settings, pipeline.aggregate.views, unsupported_rates, diagnose_metric))
     registry.register(LagCollector(lambda: consumer_lag(pipeline.app), lambda: producer.healthy))
     web = WebApp(
         settings,
@@ -105,7 +103,5 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
         )
     except TopicsError as exc:
         raise SystemExit(f"the worker cannot start: {exc}") from exc
-    worker = faust.Worker(
-        pipeline.app, http, loglevel=loglevel, quiet=True, redirect_stdouts=False
-    )
+    worker = faust.Worker(pipeline.app, http, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

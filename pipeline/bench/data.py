@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.simulation.truth import from_stream
+
 WINDOW = 60  # the bench's event-time window (1 minute)
 SPAN = 20 * 60  # event-time span of a run
 JITTER = 20.0
@@ -95,43 +97,18 @@ def generate(
     return workload
 
 
-def _bump(counts: dict[str, int], name: str, by: int = 1) -> None:
-    counts[name] = counts.get(name, 0) + by
-
-
 def expected_counts(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """What the pipeline must report per campaign: totals, uniques, duplicates, 1-minute windows.
-
-    A reference model written for clicks on the e-mail channel, independent of the pipeline's
-    code: a click makes its subscriber a unique clicker and a unique opener, and a unique
-    human opener unless a scanner made it.
-    """
-    seen: set[str] = set()
-    out: dict[str, dict[str, Any]] = {}
-    firsts: set[tuple[str, str, str]] = set()  # (campaign key or window key, subscriber, name)
-    for event in events:
-        key = f"{event['channel']}|{event['campaign_id']}"
-        doc = out.setdefault(key, {"counts": {}, "windows": {}, "duplicates": 0})
-        if event["event_id"] in seen:
-            doc["duplicates"] += 1
-            continue
-        seen.add(event["event_id"])
-        wkey = f"{WINDOW}:{int(event['timestamp'] // WINDOW) * WINDOW}"
-        window = doc["windows"].setdefault(wkey, {})
-        bot = bool(event.get("bot"))
-        names = ["click", "bot_click"] if bot else ["click"]
-        uniques = ["click", "open"] if bot else ["click", "open", "human_open"]
-        for name in names:
-            _bump(doc["counts"], name)
-            _bump(window, name)
-        sub = event["subscriber_id"]
-        for name in uniques:
-            if (key, sub, name) not in firsts:
-                firsts.add((key, sub, name))
-                _bump(doc["counts"], f"unique_{name}")
-            if (key + wkey, sub, name) not in firsts:
-                firsts.add((key + wkey, sub, name))
-                _bump(window, f"unique_{name}")
+    """What the pipeline must report per campaign (totals, uniques, duplicates, 1-minute
+    windows), from the shared ground truth (:mod:`pipeline.simulation.truth`)."""
+    truth = from_stream(events, (WINDOW,))
+    out = {}
+    for channel, campaign in truth.totals:
+        expected = truth.expected(channel, campaign)
+        out[f"{channel}|{campaign}"] = {
+            "counts": expected["counts"],
+            "windows": expected["windows"],
+            "duplicates": expected["duplicates"],
+        }
     return out
 
 

@@ -121,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         state["peak_rss_mib"] = peak_rss_mib()
         state["rss_mib"] = rss_mib()
         try:
-            state["assigned"] = sorted(
-                [tp.topic, tp.partition] for tp in pipeline.app.consumer.assignment()
-            )
+            state["assigned"] = sorted([tp.topic, tp.partition] for tp in pipeline.app.consumer.assignment())
         except Exception:
             pass
         write_json(status_path, state)

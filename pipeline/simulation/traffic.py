@@ -14,71 +14,14 @@ import asyncio
 import random
 import sys
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from pipeline.simulation.truth import Truth
+
 LATENESS = 300
-
-
-@dataclass
-class Truth:
-    """Expected counts per (channel, campaign): lifetime and per window."""
-
-    windows: tuple[int, ...]
-    totals: dict[tuple[str, str], dict[str, int]] = field(default_factory=lambda: defaultdict(dict))
-    window_counts: dict[tuple[str, str], dict[str, dict[str, int]]] = field(
-        default_factory=lambda: defaultdict(lambda: defaultdict(dict))
-    )
-    duplicates: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
-    late: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
-    _unique: set[tuple[Any, ...]] = field(default_factory=set)
-
-    def _bump(self, counts: dict[str, int], name: str) -> None:
-        counts[name] = counts.get(name, 0) + 1
-
-    def count(self, event: dict[str, Any], late: bool) -> None:
-        """Record one original (not redelivered, not a repeated order) event."""
-        key = (event["channel"], event["campaign_id"])
-        kind = event["type"]
-        names = [kind]
-        if kind == "open" and event.get("machine"):
-            names.append("machine_open")
-        if kind == "click" and event.get("bot"):
-            names.append("bot_click")
-        uniques = {
-            "click": ["click"]
-            if event["channel"] == "ads"
-            else ["click", "open"] + ([] if event.get("bot") else ["human_open"]),
-            "open": ["open"] + ([] if event.get("machine") else ["human_open"]),
-            "conversion": ["conversion"],
-        }.get(kind, [])
-        if late:
-            self.late[key] += 1
-        buckets = [("all", self.totals[key])]
-        if not late:
-            for size in self.windows:
-                start = int(event["timestamp"] // size) * size
-                buckets.append((f"{size}:{start}", self.window_counts[key][f"{size}:{start}"]))
-        for bucket, counts in buckets:
-            for name in names:
-                self._bump(counts, name)
-            for name in uniques:
-                marker = (key, bucket, name, event["subscriber_id"])
-                if marker not in self._unique:
-                    self._unique.add(marker)
-                    self._bump(counts, f"unique_{name}")
-
-    def expected(self, channel: str, campaign: str) -> dict[str, Any]:
-        key = (channel, campaign)
-        return {
-            "counts": dict(self.totals[key]),
-            "windows": {k: dict(v) for k, v in self.window_counts[key].items()},
-            "duplicates": self.duplicates[key],
-            "late": self.late[key],
-        }
 
 
 @dataclass

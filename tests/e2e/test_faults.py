@@ -20,6 +20,7 @@ from helpers import assert_exact, campaign_doc, nonzero, scrape, wait_for_counts
 
 from pipeline.kafka.tansu import EmbeddedBroker, free_port, wait_for_port
 from pipeline.simulation.traffic import Traffic, generate, send
+from pipeline.simulation.truth import from_stream
 
 
 def report(name: str, traffic: Traffic, acknowledged: int, docs: dict) -> None:
@@ -174,24 +175,9 @@ def test_rebalance_second_worker_joins_then_leaves(broker, tmp_path, workers):
 
 
 def _partial_truth(traffic: Traffic, upto: int):
-    """Ground truth of a prefix of the stream, recomputed the simulator's way."""
-    from pipeline.simulation.traffic import Truth
-
-    truth = Truth(traffic.truth.windows)
-    seen_ids: set[str] = set()
-    seen_orders: set[tuple[str, str]] = set()
-    late_ids = {e["event_id"] for e in traffic.events if e["event_id"].endswith("-late")}
-    for event in traffic.events[:upto]:
-        if event["event_id"] in seen_ids:
-            continue
-        seen_ids.add(event["event_id"])
-        order = event.get("order_id")
-        if order and (event["campaign_id"], order) in seen_orders:
-            continue
-        if order:
-            seen_orders.add((event["campaign_id"], order))
-        truth.count(event, late=event["event_id"] in late_ids)
-    return truth
+    """Ground truth of a prefix of the stream."""
+    late_ids = [e["event_id"] for e in traffic.events if e["event_id"].endswith("-late")]
+    return from_stream(traffic.events[:upto], traffic.truth.windows, late_ids)
 
 
 def test_redelivery_storm(worker):

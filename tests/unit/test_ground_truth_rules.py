@@ -205,3 +205,15 @@ def test_records_with_a_stamp_per_flag_keep_their_decisions():
     again = Partial()  # a new open in the same windows adds no unique count
     apply_event({**opened, "event_id": "o2"}, stamp_of(1, 9, 0), record, again, **kwargs)
     assert again.totals == {"open": 1}
+
+
+def test_the_simulators_truth_equals_the_stream_oracle():
+    """The generator counts its stories; the shared oracle counts the stream as sent (with its
+    redeliveries and repeated orders): the same truth for every campaign."""
+    from pipeline.simulation.truth import from_stream
+
+    traffic = generate(seed=9, subscribers=700, start=1_700_000_000)
+    late = [e["event_id"] for e in traffic.events if e["event_id"].endswith("-late")]
+    stream = from_stream(traffic.events, traffic.truth.windows, late)
+    for channel, campaign in traffic.campaigns:
+        assert stream.expected(channel, campaign) == traffic.truth.expected(channel, campaign)
