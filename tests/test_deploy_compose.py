@@ -7,6 +7,8 @@ import subprocess
 import yaml
 from deploy_helpers import DEPLOY, ROOT, require_tool
 
+from pipeline.kafka import KAFKA_VERSION, TESTED_VERSIONS
+
 COMPOSE = ROOT / "docker-compose.yml"
 
 
@@ -28,7 +30,9 @@ def test_compose_wiring():
         assert svc["environment"]["PIPELINE_BROKER"] == "kafka:9092"
         assert "healthcheck" in svc
         assert svc["depends_on"]["kafka"]["condition"] == "service_healthy"
-    assert services["kafka"]["image"].startswith("apache/kafka")
+    # the image is the Apache Kafka version the suite runs against; topics come from the workers
+    assert services["kafka"]["image"] == f"apache/kafka:{KAFKA_VERSION}"
+    assert services["kafka"]["environment"]["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
     assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
     for name in ("kafka", "prometheus", "alertmanager", "grafana"):
         assert "healthcheck" in services[name], name
@@ -49,6 +53,10 @@ def test_kubernetes_manifests():
     assert {"StatefulSet", "Service", "ConfigMap", "PodMonitor"} <= kinds
     for doc in docs:
         assert doc["apiVersion"] and doc["metadata"]["name"]
+    config = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert config["metadata"]["annotations"]["funnel-pipeline/kafka-versions-tested"].split() == list(
+        TESTED_VERSIONS
+    )
     sts = next(d for d in docs if d["kind"] == "StatefulSet")
     container = sts["spec"]["template"]["spec"]["containers"][0]
     assert container["ports"][0]["containerPort"] == 8080

@@ -63,6 +63,7 @@ class Sender(threading.Thread):
             self.error = exc
 
 
+@pytest.mark.brokers("tansu", "kafka")
 def test_sigkill_at_random_points_of_a_long_stream(broker, tmp_path, workers):
     rng = random.Random(61)
     traffic = generate(seed=61, subscribers=6000)
@@ -140,6 +141,7 @@ def test_broker_restart_with_durable_storage(durable_broker, tmp_path, workers):
     report("broker stop/start (S3 storage)", traffic, acknowledged, docs)
 
 
+@pytest.mark.brokers("tansu", "kafka")
 def test_rebalance_second_worker_joins_then_leaves(broker, tmp_path, workers):
     traffic = generate(seed=63, subscribers=3000, email_campaigns=4, ads_campaigns=3)
     first = WorkerProcess(broker.address, tmp_path).start()
@@ -182,11 +184,14 @@ def _partial_truth(traffic: Traffic, upto: int):
     seen_orders: set[tuple[str, str]] = set()
     late_ids = {e["event_id"] for e in traffic.events if e["event_id"].endswith("-late")}
     for event in traffic.events[:upto]:
+        key = (event["channel"], event["campaign_id"])
         if event["event_id"] in seen_ids:
+            truth.duplicates[key] += 1
             continue
         seen_ids.add(event["event_id"])
         order = event.get("order_id")
         if order and (event["campaign_id"], order) in seen_orders:
+            truth.duplicates[key] += 1
             continue
         if order:
             seen_orders.add((event["campaign_id"], order))
@@ -194,6 +199,7 @@ def _partial_truth(traffic: Traffic, upto: int):
     return truth
 
 
+@pytest.mark.brokers("tansu", "kafka")
 def test_redelivery_storm(worker):
     """Every event delivered 3-5 times, interleaved across the whole stream."""
     rng = random.Random(64)
@@ -216,6 +222,7 @@ def test_redelivery_storm(worker):
     report("redelivery storm (3-5 copies)", storm_traffic, acknowledged, docs)
 
 
+@pytest.mark.brokers("tansu", "kafka")
 def test_out_of_order_and_late_across_window_boundaries(worker):
     """Hand-built: events straddling a 5m boundary arrive out of order; one arrives too late."""
     boundary = (int(time.time()) // 3600 - 2) * 3600  # a boundary of both 5m and 1h windows

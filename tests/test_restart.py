@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from conftest import WorkerProcess
 from helpers import assert_exact, wait_for_counts
 
 from pipeline.simulate import generate, send
 
 
+@pytest.mark.brokers("tansu", "kafka")
 def test_restart_with_lost_local_state(broker, tmp_path, workers):
     """The local RocksDB files are gone (a new machine): state comes back from the changelogs."""
     import shutil
