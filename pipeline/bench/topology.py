@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.app import create_pipeline
     from pipeline.broker import read_true_highwaters
+    from pipeline.declare import declare_pipeline_topics
     from pipeline.settings import Settings
 
     settings = Settings.from_env()
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         async def on_start(self) -> None:
             read_true_highwaters(pipeline.app.consumer, settings.broker or "")
 
+    declare_pipeline_topics(settings.broker or "", pipeline.topics, settings.partitions, settings.replication)
     worker = faust.Worker(pipeline.app, Highwaters(), loglevel="warning", quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()
     return 0
@@ -241,8 +243,10 @@ def compare(expected: dict[str, dict[str, Any]], got: dict[str, dict[str, Any]])
 
 def measure(broker: str, workload, workdir: Path, *, profile: bool = False, timeout: float = 300.0) -> dict:
     """Preload the events as the ingest would, then time one worker from first batch to last snapshot."""
-    from pipeline.bench.common import produce_batched, progress, run_async, wait_until_done
+    from pipeline.bench.common import create_topics, produce_batched, progress, run_async, wait_until_done
+    from pipeline.topics import RAW_TOPICS
 
+    run_async(create_topics(broker, list(RAW_TOPICS)))  # Apache Kafka here creates none on first use
     progress(f"topology: producing {workload.total} events in ingest-style batched messages")
     produce_s = run_async(produce_batched(broker, workload.events))
     progress(f"topology: produced in {produce_s:.1f}s; starting one worker")
