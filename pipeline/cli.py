@@ -166,6 +166,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "profile": args.profile,
             "keep": args.keep,
             "workdir": args.workdir,
+            "brokers": [kind.strip() for kind in args.brokers.split(",") if kind.strip()],
         }
     )
     if args.json:
@@ -214,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--broker", default=None, help=BROKER_HELP)
     worker.set_defaults(func=cmd_worker)
 
-    bench = sub.add_parser("bench", help="throughput, latency and memory side by side on the embedded broker")
+    bench = sub.add_parser(
+        "bench", help="throughput, latency and memory side by side (embedded broker, Apache Kafka)"
+    )
     bench.add_argument("--small", action="store_true", help="a small run (tests): seconds, not minutes")
     bench.add_argument("--json", action="store_true", help="the results as JSON on stdout")
     bench.add_argument("--events", type=int, default=None, help="events for ceiling and topology (200,000)")
@@ -233,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--profile", action="store_true", help="pyinstrument profile of the topology worker")
     bench.add_argument("--keep", action="store_true", help="keep the work directory (logs, profiles)")
     bench.add_argument("--workdir", default=None)
+    bench.add_argument(
+        "--brokers",
+        default="tansu",
+        help="brokers to run the broker-bound mechanisms on, one after the other: tansu (embedded), "
+        "kafka (Apache Kafka, one node), kafka-<version>; e.g. tansu,kafka",
+    )
     bench.set_defaults(func=cmd_bench)
 
     from pipeline.simulation.traffic import add_arguments

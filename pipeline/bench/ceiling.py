@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.bench.common import peak_rss_mib, write_json
+from pipeline.bench.common import partitions_of, peak_rss_mib, write_json
 from pipeline.bench.data import WINDOW
 
 
@@ -33,8 +33,7 @@ async def consume(broker: str, topic: str, expect: int) -> dict[str, Any]:
     )
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        tps = [TopicPartition(topic, p) for p in (await partitions_of(broker, [topic]))[topic]]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         seen: set[str] = set()

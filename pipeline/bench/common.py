@@ -131,3 +131,17 @@ async def create_topics(broker: str, topics: list[str], partitions: int = 4) -> 
             await admin.create_topics(new)
     finally:
         await admin.close()
+
+
+async def partitions_of(broker: str, topics: list[str]) -> dict[str, list[int]]:
+    """The partitions of existing topics. A consumer that subscribes to nothing has no metadata
+    of a topic (Tansu sends every topic's anyway, Apache Kafka only what is asked for)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker)
+    await admin.start()
+    try:
+        found = await admin.describe_topics(topics)
+        return {doc["topic"]: sorted(p["partition"] for p in doc["partitions"]) for doc in found}
+    finally:
+        await admin.close()

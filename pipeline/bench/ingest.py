@@ -42,7 +42,6 @@ class Worker:
             "PIPELINE_BROKER": broker,
             "PIPELINE_PORT": str(self.port),
             "PIPELINE_DATA_DIR": str(workdir / f"{name}-state"),
-            "PIPELINE_IDEMPOTENT_PRODUCER": "false",
             "PIPELINE_APP_ID": f"bench-{name}",
         }
         self.proc = subprocess.Popen(

@@ -1,33 +1,49 @@
 """The driver of ``pipeline bench``: every mechanism on the same generated events, in one run.
 
-Phases, each in processes of its own (so each peak RSS is its own):
+Phases, each in processes of its own (so each peak RSS is its own), for each broker kind asked
+for (``--brokers``: the embedded broker ``tansu``, Apache Kafka ``kafka`` or ``kafka-<version>``,
+one node on loopback), one after the other on the same events:
 
-1. embedded broker A: the workload is produced once as the ingest produces it (batched per
+1. broker A: the workload is produced once as the ingest produces it (batched per
    partition) and its first ``--baseline-events`` once more as one-event messages;
    the framework-free ceiling, the natural Faust baseline and the real topology consume it;
-2. embedded broker B: a real ``pipeline worker``: HTTP ingest in batches of 1,000, 100 and 1,
+2. broker B: a real ``pipeline worker``: HTTP ingest in batches of 1,000, 100 and 1,
    then webhook-to-``/metrics`` latency at half the sustainable load;
-3. dedupe state of ``--subscribers`` subscribers in RocksDB;
-4. embedded broker C: two real-topology workers on one hot campaign.
+3. broker C: two real-topology workers on one hot campaign;
+
+and once, with no broker: the dedupe state of ``--subscribers`` subscribers in RocksDB.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pipeline.bench import baseline, ceiling, ingest, latency, memory, scale, topology
 from pipeline.bench.common import create_topics, produce_single, progress, run_async
 from pipeline.bench.data import generate
+from pipeline.kafka.local import KAFKA_VERSION, KafkaCluster
 from pipeline.kafka.tansu import EmbeddedBroker
-from pipeline.kafka.topics import raw_topic
+from pipeline.kafka.topics import RAW_TOPICS, raw_topic
 
 SINGLE_TOPIC = "bench.single"
+
+
+def broker_for(kind: str, workdir: Path, name: str) -> contextlib.AbstractContextManager[Any]:
+    """A fresh broker of ``kind``: ``tansu`` (embedded), ``kafka`` or ``kafka-<version>`` (one node)."""
+    if kind == "tansu":
+        return EmbeddedBroker(log_path=workdir / f"{name}.log")
+    if kind == "kafka" or kind.startswith("kafka-"):
+        return KafkaCluster(workdir / name, brokers=1, version=kind.partition("-")[2] or KAFKA_VERSION)
+    raise ValueError(f"unknown broker kind {kind!r}: tansu, kafka or kafka-<version>")
 
 
 def defaults(small: bool) -> dict[str, Any]:
@@ -74,15 +90,20 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         "errors": {},
     }
     started = time.monotonic()
+    kinds = list(options.get("brokers") or ["tansu"])
+    for kind in kinds:
+        broker_for(kind, workdir, "check")  # an unknown kind stops the run before any work
+    result["config"]["brokers"] = kinds
 
-    def phase(name: str, fn: Any) -> None:
+    def phase(name: str, fn: Any, kind: str | None = None) -> None:
         if name in skip:
             return
+        key = f"{kind}:{name}" if kind and len(kinds) > 1 else name
         try:
             fn()
         except Exception as exc:  # one broken phase must not hide the others
-            result["errors"][name] = f"{exc.__class__.__name__}: {exc}"
-            progress(f"{name}: FAILED: {exc}")
+            result["errors"][key] = f"{exc.__class__.__name__}: {exc}"
+            progress(f"{key}: FAILED: {exc}")
 
     progress(
         f"generating {cfg['events']:,} events ({cfg['campaigns']} campaigns, "
@@ -92,10 +113,48 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     sample = generate(cfg["baseline_events"], campaigns=cfg["campaigns"], subscribers=cfg["population"])
     progress(f"workload: {workload.total:,} events, {workload.redelivered:,} redeliveries")
 
-    with EmbeddedBroker(log_path=workdir / "broker-a.log") as broker:
+    result["by_broker"] = {}
+    for kind in kinds:
+        section: dict[str, Any] = {}
+        result["by_broker"][kind] = section
+        kind_dir = workdir / kind
+        kind_dir.mkdir(parents=True, exist_ok=True)
+        broker_phases(
+            kind, kind_dir, cfg, options, workload, sample, section, functools.partial(phase, kind=kind)
+        )
+    result.update(result["by_broker"][kinds[0]])  # the first broker's figures head the report
+
+    def do_memory() -> None:
+        progress(f"memory: dedupe state of {cfg['subscribers']:,} subscribers")
+        result["memory"] = memory.measure(cfg["subscribers"], workdir)
+
+    phase("memory", do_memory)
+
+    result["seconds"] = time.monotonic() - started
+    if not options.get("keep"):
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        result["workdir"] = str(workdir)
+    return result
+
+
+def broker_phases(
+    kind: str,
+    workdir: Path,
+    cfg: dict[str, Any],
+    options: dict[str, Any],
+    workload: Any,
+    sample: Any,
+    result: dict[str, Any],
+    phase: Callable[[str, Callable[[], None]], None],
+) -> None:
+    """Every mechanism that needs a broker, on fresh brokers of ``kind``; figures into ``result``."""
+    skip = set(options.get("skip") or ())
+    progress(f"broker: {kind}")
+    with broker_for(kind, workdir, "broker-a") as broker:
 
         def produce_all() -> None:
-            run_async(create_topics(broker.address, [SINGLE_TOPIC]))
+            run_async(create_topics(broker.address, [*RAW_TOPICS, SINGLE_TOPIC]))
             run_async(produce_single(broker.address, SINGLE_TOPIC, sample.events))
 
         phase("produce", produce_all)
@@ -110,7 +169,7 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
                 progress(f"topology: run {n} of {cfg['topology_runs']} on a fresh broker")
                 rundir = workdir / f"topology-run{n}"
                 rundir.mkdir(exist_ok=True)
-                with EmbeddedBroker(log_path=rundir / "broker.log") as fresh:
+                with broker_for(kind, rundir, "broker") as fresh:
                     runs.append(topology.measure(fresh.address, workload, rundir))
             ranked = sorted(runs, key=lambda run: run["events_per_s"])
             median = ranked[(len(ranked) - 1) // 2]
@@ -141,32 +200,20 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         phase("baseline", do_baseline)
 
     def do_http() -> None:
-        with EmbeddedBroker(log_path=workdir / "broker-b.log") as broker:
+        with broker_for(kind, workdir, "broker-b") as broker:
             run_async(http_phases(broker.address, workdir, cfg, result, skip))
 
     if not {"ingest", "latency"} <= skip:
         phase("http", do_http)
 
-    def do_memory() -> None:
-        progress(f"memory: dedupe state of {cfg['subscribers']:,} subscribers")
-        result["memory"] = memory.measure(cfg["subscribers"], workdir)
-
-    phase("memory", do_memory)
-
     def do_scale() -> None:
         hot = generate(
             cfg["scale_events"], campaigns=1, subscribers=cfg["population"], seed=11, hot_campaign="hot-sale"
         )
-        with EmbeddedBroker(log_path=workdir / "broker-c.log") as broker:
+        with broker_for(kind, workdir, "broker-c") as broker:
             result["scale"] = scale.measure(broker.address, hot, workdir)
 
     phase("scale", do_scale)
-    result["seconds"] = time.monotonic() - started
-    if not options.get("keep"):
-        shutil.rmtree(workdir, ignore_errors=True)
-    else:
-        result["workdir"] = str(workdir)
-    return result
 
 
 async def http_phases(broker: str, workdir: Path, cfg: dict, result: dict, skip: set) -> None:

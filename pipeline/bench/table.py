@@ -69,14 +69,69 @@ def _target(name: str, value: float, target: float, op: str) -> dict[str, Any]:
     }
 
 
+def broker_name(kind: str) -> str:
+    if kind == "tansu":
+        return "embedded broker (Tansu)"
+    from pipeline.kafka.local import KAFKA_VERSION
+
+    return f"Apache Kafka {kind.partition('-')[2] or KAFKA_VERSION} (one node)"
+
+
+SIDE_BY_SIDE = (
+    ("framework-free ceiling (events/s)", lambda r: r.get("ceiling", {}).get("events_per_s")),
+    ("natural Faust (events/s)", lambda r: r.get("baseline", {}).get("events_per_s")),
+    ("real topology, 1 worker (events/s)", lambda r: r.get("topology", {}).get("events_per_s")),
+    ("HTTP ingest, batches of 1,000 (events/s)", lambda r: _ingest(r, 1000, "events_per_s")),
+    ("HTTP ingest, batches of 1,000 (p99 ms)", lambda r: _ingest(r, 1000, "p99_ms")),
+    ("HTTP ingest, batches of 100 (events/s)", lambda r: _ingest(r, 100, "events_per_s")),
+    ("HTTP ingest, single events (events/s)", lambda r: _ingest(r, 1, "events_per_s")),
+    ("HTTP ingest, single events (p99 ms)", lambda r: _ingest(r, 1, "p99_ms")),
+    ("webhook -> /metrics p50 (ms)", lambda r: r.get("latency", {}).get("p50_ms")),
+    ("webhook -> /metrics p99 (ms)", lambda r: r.get("latency", {}).get("p99_ms")),
+    ("scale-out, 2 workers (events/s)", lambda r: r.get("scale", {}).get("events_per_s")),
+)
+
+
+def _ingest(section: dict[str, Any], batch: int, key: str) -> float | None:
+    row = next((row for row in section.get("ingest", []) if row["batch"] == batch), None)
+    return row[key] if row else None
+
+
+def side_by_side(result: dict[str, Any]) -> list[str]:
+    """One row per broker-bound figure, one column per broker, and each broker over the first."""
+    kinds = list(result.get("by_broker", {}))
+    if len(kinds) < 2:
+        return []
+    sections = [result["by_broker"][kind] for kind in kinds]
+    head = f"{'side by side, same events, one run':<44}" + "".join(f"{kind:>14}" for kind in kinds)
+    head += "".join(f"{kind + '/' + kinds[0]:>16}" for kind in kinds[1:])
+    lines = ["", head]
+    for label, figure in SIDE_BY_SIDE:
+        values = [figure(section) for section in sections]
+        if all(value is None for value in values):
+            continue
+        row = f"{label:<44}" + "".join(f"{_n(value):>14}" for value in values)
+        for value in values[1:]:
+            ratio = value / values[0] if value is not None and values[0] else None
+            row += f"{(f'{ratio:.2f}x' if ratio is not None else '-'):>16}"
+        lines.append(row)
+    exact = [
+        all(section.get(k, {}).get("exact", True) for k in ("ceiling", "baseline", "topology", "scale"))
+        for section in sections
+    ]
+    lines.append(f"{'every count exact':<44}" + "".join(f"{('yes' if e else 'NO'):>14}" for e in exact))
+    return lines
+
+
 def render(result: dict[str, Any]) -> str:
     lines = []
     cfg = result["config"]
+    kinds = cfg.get("brokers") or ["tansu"]
     lines.append(
         f"pipeline bench: {cfg['events']:,} events ({cfg['redeliveries']:.0%} redeliveries), "
         f"{cfg['campaigns']} campaigns "
         f"(Zipf), {cfg['population']:,} subscribers, {cfg['partitions']} partitions, "
-        "embedded broker (Tansu), "
+        f"{broker_name(kinds[0])}, "
         f"{cfg['cpus']} CPUs, Python {cfg['python']}"
     )
     lines.append("")
@@ -161,6 +216,7 @@ def render(result: dict[str, Any]) -> str:
             f"scale-out, 2 workers, 1 hot campaign, {scale['events']:,} events: {per}; "
             f"{scale['events_per_s']:,.0f} events/s together, exact: {'yes' if scale['exact'] else 'NO'}"
         )
+    lines += side_by_side(result)
     rows = targets(result)
     if rows:
         lines.append("")

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import faust
 
+    from pipeline.kafka.declare import declare_pipeline_topics
     from pipeline.settings import Settings
     from pipeline.stages.topology import create_pipeline
 
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         write_status()
 
     worker = faust.Worker(pipeline.app, loglevel="warning", quiet=True, redirect_stdouts=False)
+    declare_pipeline_topics(settings.broker or "", pipeline.topics, settings.partitions, settings.replication)
     worker.execute_from_commandline()
     return 0
 
@@ -231,8 +233,10 @@ def compare(expected: dict[str, dict[str, Any]], got: dict[str, dict[str, Any]])
 
 def measure(broker: str, workload, workdir: Path, *, profile: bool = False, timeout: float = 300.0) -> dict:
     """Preload the events as the ingest would, then time one worker from first batch to last snapshot."""
-    from pipeline.bench.common import produce_batched, progress, run_async, wait_until_done
+    from pipeline.bench.common import create_topics, produce_batched, progress, run_async, wait_until_done
+    from pipeline.kafka.topics import RAW_TOPICS
 
+    run_async(create_topics(broker, list(RAW_TOPICS)))  # Apache Kafka here creates none on first use
     progress(f"topology: producing {workload.total} events in ingest-style batched messages")
     produce_s = run_async(produce_batched(broker, workload.events))
     progress(f"topology: produced in {produce_s:.1f}s; starting one worker")

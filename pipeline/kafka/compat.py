@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import logging
 import weakref
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -56,6 +56,9 @@ def check() -> None:
         (rocksdb.Store, "_db_for_partition"),
         (rocksdb.Store, "set_persisted_offset"),
         (faust.App, "_leader_assignor"),
+        (faust.transport.consumer.Consumer, "getmany"),
+        (faust.transport.consumer.Consumer, "_is_changelog_tp"),
+        (faust.transport.consumer.Consumer, "seek"),
     ):
         if not hasattr(owner, name):
             problems.append(f"{owner.__module__}.{owner.__qualname__}.{name} is gone")
@@ -86,6 +89,8 @@ def install() -> None:
     check()
     _shorten_fetch_wait()
     faust_aiokafka.AIOKafkaConsumerThread.seek_to_committed = _seek_to_committed  # type: ignore[method-assign]
+    consumer = faust.transport.consumer.Consumer
+    consumer.getmany = guarded_getmany(consumer.getmany)  # type: ignore[method-assign]
     _read_true_highwaters()
     _installed = True
 
@@ -138,6 +143,70 @@ async def seek_to_committed(consumer: AIOKafkaConsumer) -> dict[TopicPartition, 
 
 async def _seek_to_committed(self: Any) -> dict[TopicPartition, int | None]:
     return await self.call_thread(seek_to_committed, self._ensure_consumer())
+
+
+# --- never a record skipped inside a generation ----------------------------------------------
+# Faust also drops fetched records without seeking back: the rest of a fetch when a rebalance
+# starts in the middle of handing it out, a record whose hand-over a flow stop interrupts (its
+# read offset still moves on). When the next fetch then starts after them, Faust takes the jump
+# for a gap in the log (as compaction or transaction markers leave) and counts the missing
+# offsets as done: committed and never processed. Against Apache Kafka, where a worker killed
+# and restarted meets a rebalance when its old membership expires, this lost a whole batch of
+# acknowledged events now and then. Replaces: Faust's ``Consumer.getmany`` handing out a
+# record after a hole; the guard seeks back to the hole instead.
+
+
+class HoleGuard:
+    """Decides, record by record, whether a stream partition jumped over records.
+
+    ``read`` is Faust's read offset of the partition: the last offset handed out, or after a
+    seek the offset sought to. A record beyond ``read + 1`` follows a hole, unless it is the
+    first record the broker returned after the guard sought back to exactly there.
+    """
+
+    def __init__(self) -> None:
+        self.sought: dict[Any, int] = {}  # partition -> offset the guard sought back to
+
+    def hole_at(self, tp: Any, offset: int, read: int | None) -> int | None:
+        """The offset to seek back to, or None when the record may be handed out."""
+        target = self.sought.pop(tp, None)
+        if target is not None and offset >= target:
+            return None  # the first record after our seek: what it leaves out does not exist
+        if read is not None and offset > read + 1:
+            self.sought[tp] = read + 1
+            return read + 1
+        return None
+
+
+def guarded_getmany(original: Any) -> Any:
+    """Wrap ``Consumer.getmany`` so that records after a hole are not handed to Faust."""
+
+    async def getmany(self: Any, timeout: float) -> AsyncIterator[tuple[Any, Any]]:
+        guard: HoleGuard = self.__dict__.setdefault("_pipeline_hole_guard", HoleGuard())
+        seeking: set[Any] = set()  # partitions whose rest of this fetch is left for the re-read
+        async for tp, message in original(self, timeout):
+            if tp in seeking:
+                continue
+            if not self._is_changelog_tp(tp):  # changelogs are compacted: gaps are normal there
+                target = guard.hole_at(tp, message.offset, self._read_offset.get(tp))
+                if target is not None:
+                    seeking.add(tp)
+                    log.warning(
+                        "%s: record %d follows a hole after %d: reading again from %d",
+                        tp,
+                        message.offset,
+                        target - 1,
+                        target,
+                    )
+                    try:
+                        await self.seek(tp, target)
+                    except IllegalStateError:  # no longer ours: its new owner starts from the commit
+                        guard.sought.pop(tp, None)
+                    continue
+            yield tp, message
+
+    getmany._pipeline_patched = True  # type: ignore[attr-defined]
+    return getmany
 
 
 # --- end offsets (Tansu) -----------------------------------------------------------------------

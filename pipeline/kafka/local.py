@@ -281,10 +281,8 @@ class KafkaCluster:
                             node,
                             "kafka.tools.StorageTool",
                             "format",
-                            "-t",
-                            cluster_id,
-                            "-c",
-                            str(props),
+                            f"--cluster-id={cluster_id}",  # an id may start with "-"
+                            f"--config={props}",
                             "--ignore-formatted",
                         ),
                         stdout=subprocess.PIPE,
@@ -336,12 +334,15 @@ class KafkaCluster:
                 raise KafkaError(f"the cluster did not list brokers {sorted(wanted)} within {timeout:.0f} s")
             time.sleep(0.5)
 
-    def stop(self) -> None:
-        """SIGTERM to every node (a controlled shutdown), then wait for all of them."""
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM to every node at once (a controlled shutdown), SIGKILL to any still running
+        after ``timeout``: the last nodes of a cluster may wait for a controller quorum that is
+        shutting down with them. Kafka recovers an unclean log at the next start."""
         for node in self.nodes:
             node.terminate()
+        deadline = time.monotonic() + timeout
         for node in self.nodes:
-            node.wait_stopped()
+            node.wait_stopped(max(0.1, deadline - time.monotonic()))
 
     def kill(self, node_id: int) -> None:
         self.node(node_id).kill()
@@ -394,8 +395,10 @@ class KafkaCluster:
     def broker_ids(self) -> set[int]:
         return {broker[0] for broker in self.metadata([]).brokers}
 
-    def partitions(self, topics: Iterable[str]) -> dict[tuple[str, int], tuple[int, list[int], list[int]]]:
-        """(topic, partition) -> (leader, replicas, in-sync replicas)."""
+    def partitions(
+        self, topics: Iterable[str] | None = None
+    ) -> dict[tuple[str, int], tuple[int, list[int], list[int]]]:
+        """(topic, partition) -> (leader, replicas, in-sync replicas), of every topic by default."""
         found = {}
         for _error, topic, _internal, partitions, *_ in self.metadata(topics).topics:
             for _perror, partition, leader, replicas, isr, *_ in partitions:
@@ -405,9 +408,10 @@ class KafkaCluster:
     def leader_counts(self, topics: Iterable[str]) -> Counter[int]:
         return Counter(leader for leader, _, _ in self.partitions(topics).values())
 
-    def wait_in_sync(self, topics: Iterable[str], timeout: float = 120.0) -> None:
-        """Until every partition of ``topics`` has a leader and all its replicas in sync."""
-        topics = list(topics)
+    def wait_in_sync(self, topics: Iterable[str] | None = None, timeout: float = 180.0) -> None:
+        """Until every partition (of ``topics``, default all) has a leader and all replicas in sync:
+        what an operator waits for before restarting the next broker."""
+        topics = list(topics) if topics is not None else None
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(Exception):
@@ -417,5 +421,5 @@ class KafkaCluster:
                 ):
                     return
             if time.monotonic() > deadline:
-                raise KafkaError(f"partitions of {topics} not back in sync within {timeout:.0f} s")
+                raise KafkaError(f"partitions not back in sync within {timeout:.0f} s")
             time.sleep(0.5)

@@ -5,66 +5,33 @@ generated ground truth and records sent / acknowledged / counted / lost / double
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import WorkerProcess
-from helpers import assert_exact, campaign_doc, nonzero, scrape, wait_for_counts
+from helpers import (
+    Sender,
+    assert_exact,
+    campaign_doc,
+    count_stored_copies,
+    nonzero,
+    report,
+    scrape,
+    wait_for_counts,
+)
 
 from pipeline.kafka.tansu import EmbeddedBroker, free_port, wait_for_port
 from pipeline.simulation.traffic import Traffic, generate, send
 from pipeline.simulation.truth import from_stream
 
 
-def report(name: str, traffic: Traffic, acknowledged: int, docs: dict) -> None:
-    lost = doubled = counted = 0
-    for channel, campaign in traffic.campaigns:
-        want = traffic.truth.expected(channel, campaign)["counts"]
-        got = nonzero(docs[f"{channel}/{campaign}"]["counts"])
-        counted += sum(
-            got.get(k, 0) for k in ("impression", "click", "send", "delivery", "bounce", "open", "conversion")
-        )
-        for key in set(want) | set(got):
-            lost += max(0, want.get(key, 0) - got.get(key, 0))
-            doubled += max(0, got.get(key, 0) - want.get(key, 0))
-    figures = {
-        "fault": name,
-        "sent": len(traffic.events),
-        "acknowledged": acknowledged,
-        "distinct_events_counted": counted,
-        "lost": lost,
-        "doubled": doubled,
-    }
-    print(json.dumps(figures))
-    if os.environ.get("PIPELINE_FAULT_REPORT"):
-        with open(os.environ["PIPELINE_FAULT_REPORT"], "a") as out:
-            out.write(json.dumps(figures) + "\n")
-
-
-class Sender(threading.Thread):
-    """Sends a traffic run in order, retrying on 503 and dropped connections (always safe)."""
-
-    def __init__(self, url: str, events: list[dict], batch: int = 200) -> None:
-        super().__init__(daemon=True)
-        self.url, self.events, self.batch = url, events, batch
-        self.acknowledged = 0
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.acknowledged = asyncio.run(send(self.url, self.events, self.batch, timeout=240))
-        except BaseException as exc:
-            self.error = exc
-
-
-def test_sigkill_at_random_points_of_a_long_stream(broker, tmp_path, workers):
+@pytest.mark.brokers("tansu", "kafka")
+def test_sigkill_at_random_points_of_a_long_stream(broker, broker_kind, tmp_path, workers):
     rng = random.Random(61)
     traffic = generate(seed=61, subscribers=6000)
     worker = WorkerProcess(broker.address, tmp_path).start()
@@ -79,10 +46,11 @@ def test_sigkill_at_random_points_of_a_long_stream(broker, tmp_path, workers):
     sender.join(300)
     assert sender.error is None and not sender.is_alive(), sender.error
     assert sender.acknowledged == len(traffic.events)
+    stored_twice = count_stored_copies(broker.address, traffic)  # requests cut by a kill were sent again
     worker.wait_healthy()
     docs = wait_for_counts([worker.url], traffic, timeout=240)
     assert_exact(docs, traffic)
-    report("worker SIGKILL x3 mid-stream", traffic, sender.acknowledged, docs)
+    report(f"worker SIGKILL x3 mid-stream ({broker_kind})", traffic, sender.acknowledged, docs, stored_twice)
 
 
 @pytest.fixture
@@ -135,13 +103,15 @@ def test_broker_restart_with_durable_storage(durable_broker, tmp_path, workers):
     sender.join(300)
     assert sender.error is None and not sender.is_alive(), sender.error
     acknowledged += sender.acknowledged
+    stored_twice = count_stored_copies(durable_broker.address, traffic)
     docs = wait_for_counts([worker.url], traffic, timeout=240)  # the worker reconnected by itself
     assert_exact(docs, traffic)
     assert worker.process.poll() is None
-    report("broker stop/start (S3 storage)", traffic, acknowledged, docs)
+    report("broker stop/start (Tansu, S3 storage)", traffic, acknowledged, docs, stored_twice)
 
 
-def test_rebalance_second_worker_joins_then_leaves(broker, tmp_path, workers):
+@pytest.mark.brokers("tansu", "kafka")
+def test_rebalance_second_worker_joins_then_leaves(broker, broker_kind, tmp_path, workers):
     traffic = generate(seed=63, subscribers=3000, email_campaigns=4, ads_campaigns=3)
     first = WorkerProcess(broker.address, tmp_path).start()
     workers.append(first)
@@ -171,7 +141,7 @@ def test_rebalance_second_worker_joins_then_leaves(broker, tmp_path, workers):
     assert_exact(docs, traffic)
     for channel, campaign in traffic.campaigns:
         assert campaign_doc([first.url], channel, campaign) is not None
-    report("second worker joins then leaves", traffic, acknowledged, docs)
+    report(f"second worker joins then leaves ({broker_kind})", traffic, acknowledged, docs)
 
 
 def _partial_truth(traffic: Traffic, upto: int):
@@ -180,7 +150,8 @@ def _partial_truth(traffic: Traffic, upto: int):
     return from_stream(traffic.events[:upto], traffic.truth.windows, late_ids)
 
 
-def test_redelivery_storm(worker):
+@pytest.mark.brokers("tansu", "kafka")
+def test_redelivery_storm(worker, broker_kind):
     """Every event delivered 3-5 times, interleaved across the whole stream."""
     rng = random.Random(64)
     traffic = generate(seed=64, subscribers=900, redelivery=0.0)
@@ -199,9 +170,10 @@ def test_redelivery_storm(worker):
     storm_traffic = Traffic(events, traffic.truth, traffic.campaigns)
     docs = wait_for_counts([worker.url], storm_traffic)
     assert_exact(docs, storm_traffic)
-    report("redelivery storm (3-5 copies)", storm_traffic, acknowledged, docs)
+    report(f"redelivery storm, 3-5 copies ({broker_kind})", storm_traffic, acknowledged, docs)
 
 
+@pytest.mark.brokers("tansu", "kafka")
 def test_out_of_order_and_late_across_window_boundaries(worker):
     """Hand-built: events straddling a 5m boundary arrive out of order; one arrives too late."""
     boundary = (int(time.time()) // 3600 - 2) * 3600  # a boundary of both 5m and 1h windows

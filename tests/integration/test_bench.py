@@ -1,4 +1,5 @@
-"""``pipeline bench --small --json`` completes and every count it checks is exact (no timing)."""
+"""``pipeline bench --small --json --brokers tansu,kafka`` completes and every count it checks is
+exact on both brokers (no timing: performance is only compared side by side, in the report)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.timeout(180)
-def test_small_bench_is_exact(tmp_path: Path) -> None:
+@pytest.mark.timeout(600)
+def test_small_bench_is_exact_on_tansu_and_kafka(tmp_path: Path) -> None:
     proc = subprocess.run(
         [
             sys.executable,
@@ -24,24 +25,29 @@ def test_small_bench_is_exact(tmp_path: Path) -> None:
             "--json",
             "--workdir",
             str(tmp_path / "bench"),
+            "--brokers",
+            "tansu,kafka",
         ],
         cwd=ROOT,
         capture_output=True,
-        timeout=170,
+        timeout=590,
     )
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-4000:]
     result = json.loads(proc.stdout)
     assert result["errors"] == {}
-    for name in ("ceiling", "baseline", "topology"):
-        assert result[name]["exact"], (name, result[name])
-        assert result[name]["events"] > 0
-    assert result["topology"]["events"] == result["config"]["events"]
-    assert result["topology"]["problems"] == []
-    assert [row["batch"] for row in result["ingest"]] == [1000, 100, 1]
-    assert all(row["failures"] == 0 for row in result["ingest"])
-    assert result["latency"]["lost"] == 0
+    assert list(result["by_broker"]) == ["tansu", "kafka"]
+    for kind, section in result["by_broker"].items():
+        for name in ("ceiling", "baseline", "topology"):
+            assert section[name]["exact"], (kind, name, section[name])
+            assert section[name]["events"] > 0
+        assert section["topology"]["events"] == result["config"]["events"]
+        assert section["topology"]["problems"] == []
+        assert [row["batch"] for row in section["ingest"]] == [1000, 100, 1]
+        assert all(row["failures"] == 0 for row in section["ingest"])
+        assert section["latency"]["lost"] == 0
+        scale = section["scale"]
+        assert scale["exact"], (kind, scale)
+        assert all(worker["events"] > 0 for worker in scale["per_worker"]), scale
+        assert sum(worker["events"] for worker in scale["per_worker"]) == scale["events"]
+    assert result["topology"] == result["by_broker"]["tansu"]["topology"]  # the first one heads it
     assert result["memory"]["read_found"] == result["memory"]["read_sample"]
-    scale = result["scale"]
-    assert scale["exact"]
-    assert all(worker["events"] > 0 for worker in scale["per_worker"]), scale
-    assert sum(worker["events"] for worker in scale["per_worker"]) == scale["events"]

@@ -134,6 +134,7 @@ def expected_from(requests: dict[str, list[tuple[dict, bytes]]], env: dict[str, 
     return truth
 
 
+@pytest.mark.brokers("tansu", "kafka")
 def test_every_adapter_end_to_end_with_redeliveries(broker, tmp_path, workers):
     env = provider_env(tmp_path)
     worker = WorkerProcess(broker.address, tmp_path, env=env)
@@ -228,6 +229,7 @@ def test_refused_requests_produce_nothing(broker, tmp_path, workers, attack):
     assert "pipeline_webhook_signature_failures_total" in metrics
 
 
+@pytest.mark.brokers("tansu", "kafka")
 @pytest.mark.parametrize("provider", ["sendgrid", "mailgun", "ses"])
 def test_simulate_emits_signed_native_webhooks(broker, tmp_path, workers, provider):
     import os
