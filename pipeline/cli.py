@@ -166,6 +166,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "profile": args.profile,
             "keep": args.keep,
             "workdir": args.workdir,
+            "sustained_brokers": args.sustained_brokers.split(",") if args.sustained_brokers else None,
+            "sustained_start": args.sustained_start,
         }
     )
     if args.json:
@@ -228,7 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--skip",
         default="",
-        help="comma-separated phases to skip: topology,ceiling,baseline,ingest,latency,memory,scale",
+        help="comma-separated phases to skip: "
+        "topology,ceiling,baseline,ingest,latency,memory,scale,sustained",
+    )
+    bench.add_argument(
+        "--sustained-brokers",
+        default=None,
+        help="broker kinds the sustained-capacity phase runs on, comma-separated (tansu,kafka)",
+    )
+    bench.add_argument(
+        "--sustained-start",
+        type=float,
+        default=None,
+        help="events/s of the first sustained step (default 0.3x the topology rate)",
     )
     bench.add_argument("--profile", action="store_true", help="pyinstrument profile of the topology worker")
     bench.add_argument("--keep", action="store_true", help="keep the work directory (logs, profiles)")

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_small_bench_is_exact(tmp_path: Path) -> None:
     proc = subprocess.run(
         [
@@ -24,10 +24,12 @@ def test_small_bench_is_exact(tmp_path: Path) -> None:
             "--json",
             "--workdir",
             str(tmp_path / "bench"),
+            "--sustained-brokers",
+            "tansu",  # the sustained mechanism on Apache Kafka: tests/test_bench_sustained.py
         ],
         cwd=ROOT,
         capture_output=True,
-        timeout=170,
+        timeout=290,
     )
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-4000:]
     result = json.loads(proc.stdout)
@@ -41,6 +43,9 @@ def test_small_bench_is_exact(tmp_path: Path) -> None:
     assert all(row["failures"] == 0 for row in result["ingest"])
     assert result["latency"]["lost"] == 0
     assert result["memory"]["read_found"] == result["memory"]["read_sample"]
+    sustained = result["sustained"]["tansu"]
+    assert sustained["exact"], sustained["problems"]
+    assert sustained["steps"]
     scale = result["scale"]
     assert scale["exact"]
     assert all(worker["events"] > 0 for worker in scale["per_worker"]), scale

@@ -161,6 +161,11 @@ def render(result: dict[str, Any]) -> str:
             f"scale-out, 2 workers, 1 hot campaign, {scale['events']:,} events: {per}; "
             f"{scale['events_per_s']:,.0f} events/s together, exact: {'yes' if scale['exact'] else 'NO'}"
         )
+    if result.get("sustained"):
+        from pipeline.bench.sustained import render as render_sustained
+
+        lines.append("")
+        lines += render_sustained(result["sustained"])
     rows = targets(result)
     if rows:
         lines.append("")

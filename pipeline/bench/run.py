@@ -8,7 +8,9 @@ Phases, each in processes of its own (so each peak RSS is its own):
 2. embedded broker B: a real ``pipeline worker``: HTTP ingest in batches of 1,000, 100 and 1,
    then webhook-to-``/metrics`` latency at half the sustainable load;
 3. dedupe state of ``--subscribers`` subscribers in RocksDB;
-4. embedded broker C: two real-topology workers on one hot campaign.
+4. embedded broker C: two real-topology workers on one hot campaign;
+5. sustained capacity end to end (:mod:`.sustained`): ``pipeline worker`` fed over HTTP at
+   rising rates, on a fresh broker of each kind (the embedded Tansu, Apache Kafka).
 """
 
 from __future__ import annotations
@@ -161,6 +163,18 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
             result["scale"] = scale.measure(broker.address, hot, workdir)
 
     phase("scale", do_scale)
+
+    def do_sustained() -> None:
+        from pipeline.bench import sustained
+
+        kinds = options.get("sustained_brokers") or ["tansu", "kafka"]
+        topo = result.get("topology")
+        # the first step well below what one worker processes, so that a few steps find the knee
+        start = options.get("sustained_start") or (0.3 * topo["events_per_s"] if topo else None)
+        small = options.get("small", False)
+        result["sustained"] = sustained.measure_on(kinds, workdir, small=small, start_rate=start)
+
+    phase("sustained", do_sustained)
     result["seconds"] = time.monotonic() - started
     if not options.get("keep"):
         shutil.rmtree(workdir, ignore_errors=True)
