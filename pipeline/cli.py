@@ -16,7 +16,11 @@ BROKER_HELP = "Kafka: host:port[,host:port...], kafka:// in front allowed (PIPEL
 
 def _settings(args: argparse.Namespace) -> Settings:
     settings = Settings.from_env()
-    overrides = {"broker": getattr(args, "broker", None), "port": getattr(args, "port", None)}
+    overrides = {
+        "broker": getattr(args, "broker", None),
+        "port": getattr(args, "port", None),
+        "ingest_processes": getattr(args, "ingest_processes", None),
+    }
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = Path(args.data_dir)
     if getattr(args, "host", None):
@@ -185,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--port", type=int, default=None, help="HTTP port (PIPELINE_PORT, default 8080)")
         p.add_argument("--host", default=None, help="HTTP bind address (PIPELINE_HOST, default 127.0.0.1)")
         p.add_argument("--data-dir", default=None, help="local state directory (PIPELINE_DATA_DIR)")
+        p.add_argument(
+            "--ingest-processes",
+            type=int,
+            default=None,
+            help="ingest processes beside the stream worker, 0 = ingest in the worker's process "
+            "(PIPELINE_INGEST_PROCESSES, default auto: 1 per 4 CPUs, at least 1; 0 on one CPU)",
+        )
         p.add_argument("--loglevel", default="info")
 
     run = sub.add_parser("run", help="everything in one process; embedded broker when none is configured")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -141,7 +141,12 @@ class FunnelCollector(Collector):
 
 
 class LagCollector(Collector):
-    def __init__(self, lag: Callable[[], dict[tuple[str, int], int]], broker_up: Callable[[], bool]) -> None:
+    """Consumer lag per owned partition, and whether this process's ingest reaches the broker
+    (``broker_up`` None: ingest runs in processes of its own, which export that gauge)."""
+
+    def __init__(
+        self, lag: Callable[[], dict[tuple[str, int], int]], broker_up: Callable[[], bool] | None
+    ) -> None:
         self.lag = lag
         self.broker_up = broker_up
 
@@ -157,15 +162,24 @@ class LagCollector(Collector):
         for (topic, partition), lag in sorted(self.lag().items()):
             family.add_metric([topic, str(partition)], lag)
         yield family
-        up = GaugeMetricFamily("pipeline_broker_up", "1 when the broker acknowledges this worker")
-        up.add_metric([], 1 if self.broker_up() else 0)
-        yield up
+        if self.broker_up is not None:
+            up = GaugeMetricFamily("pipeline_broker_up", BROKER_UP_HELP)
+            up.add_metric([], 1 if self.broker_up() else 0)
+            yield up
+
+
+BROKER_UP_HELP = "1 when the broker acknowledges this worker"
 
 
 class HealthCounters:
-    """Process-local counters of the ingest side."""
+    """Counters of the ingest side.
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    ``registry`` None: the counters are not registered anywhere, because this process shares
+    them with its sibling processes through prometheus_client's multiprocess files, and the
+    stream worker's ``/metrics`` sums those (:mod:`pipeline.ingest.processes`).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
         self.ingested = Counter(
             "pipeline_events_ingested",
             "Events accepted and acknowledged by the broker",
@@ -196,3 +210,9 @@ class HealthCounters:
             ["provider"],
             registry=registry,
         )
+
+
+def broker_up_gauge() -> Gauge:
+    """``pipeline_broker_up`` of an ingest process, shared with the others: the lowest value
+    over the live processes, so one that cannot reach the broker shows as 0."""
+    return Gauge("pipeline_broker_up", BROKER_UP_HELP, registry=None, multiprocess_mode="livemin")

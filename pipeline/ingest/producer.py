@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -39,8 +39,20 @@ class EventProducer:
         self._producer: AIOKafkaProducer | None = None
         self._partitions: dict[str, int] = {}
         self._lock = asyncio.Lock()
-        self.healthy = False  # the last exchange with the broker succeeded
+        self._healthy = False
+        self.on_health: Callable[[bool], None] | None = None  # told every time `healthy` is set
         self.idempotent: bool | None = None  # decided once, at the first connection
+
+    @property
+    def healthy(self) -> bool:
+        """The last exchange with the broker succeeded."""
+        return self._healthy
+
+    @healthy.setter
+    def healthy(self, value: bool) -> None:
+        self._healthy = value
+        if self.on_health is not None:
+            self.on_health(value)
 
     async def _broker_gives_producer_ids(self) -> bool:
         """Ask the broker once for a producer id, as the idempotent producer would.
