@@ -24,8 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from yarl import URL
 
 from pipeline.aggregate import CampaignView
-from pipeline.events import BodyError, iter_valid, parse_body
-from pipeline.identity import subscriber_id
+from pipeline.events import BodyError, parse_body, validate_events
+from pipeline.identity import looks_like_address, pseudonymise
 from pipeline.ingest.producer import BrokerUnavailable, EventProducer
 from pipeline.metrics import HealthCounters
 from pipeline.rates import compute_rates, definitions
@@ -60,19 +60,16 @@ class IngestService:
         self.in_flight = 0  # events accepted from clients and not yet acknowledged by the broker
 
     def prepare(self, items: list[Any]) -> tuple[list[dict[str, Any]], list[tuple[int, Any, str]]]:
+        """(valid events, (index, item, reason) of the rejected ones): one validation per batch."""
         salt = self.settings.id_salt
         for item in items:
             # an address must not reach a topic in clear, not even the dead-letter topic
-            if isinstance(item, dict) and isinstance(item.get("subscriber_id"), str):
-                item["subscriber_id"] = subscriber_id(item["subscriber_id"], salt)
-        valid: list[dict[str, Any]] = []
-        rejected: list[tuple[int, Any, str]] = []
-        for index, event, reason in iter_valid(items, time.time(), self.settings.max_future_skew):
-            if event is not None:
-                valid.append(event)
-            else:
-                rejected.append((index, items[index], reason or "invalid"))
-        return valid, rejected
+            if type(item) is dict:
+                value = item.get("subscriber_id")
+                if type(value) is str and looks_like_address(value):
+                    item["subscriber_id"] = pseudonymise(value, salt)
+        valid, reasons = validate_events(items, time.time(), self.settings.max_future_skew)
+        return valid, [(index, items[index], reason) for index, reason in reasons]
 
     async def submit(
         self, valid: list[dict[str, Any]], rejected: list[tuple[int, Any, str]], source: str

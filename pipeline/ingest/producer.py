@@ -21,7 +21,13 @@ from aiokafka.protocol.transaction import InitProducerIdRequest
 
 from pipeline.events import routing_key
 from pipeline.settings import Settings
-from pipeline.topics import DEAD_LETTER_TOPIC, VALIDATED_HEADER, VALIDATED_VALUE, partition_for, raw_topic
+from pipeline.topics import (
+    DEAD_LETTER_TOPIC,
+    RAW_TOPIC_OF,
+    VALIDATED_HEADER,
+    VALIDATED_VALUE,
+    partition_for,
+)
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 900_000  # under the broker's default 1 MB message limit
@@ -146,25 +152,27 @@ class EventProducer:
         """
         try:
             producer = await self._ensure()
+            # one pass: events grouped by (type, partition) in order, C hashing per event; the
+            # key hashed is pipeline.events.routing_key's, written out here
             groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
             counts: dict[str, int] = {}
             for event in events:
-                topic = raw_topic(event["type"])
-                count = counts.get(topic)
+                kind = event["type"]
+                count = counts.get(kind)
                 if count is None:
-                    count = counts[topic] = await self._partition_count(producer, topic)
-                partition = partition_for(routing_key(event), count)
-                group = groups.get((topic, partition))
+                    count = counts[kind] = await self._partition_count(producer, RAW_TOPIC_OF[kind])
+                where = (kind, partition_for(event.get("subscriber_id") or "#" + event["event_id"], count))
+                group = groups.get(where)
                 if group is None:
-                    groups[(topic, partition)] = [event]
+                    groups[where] = [event]
                 else:
                     group.append(event)
             futures = []
-            for (topic, partition), group in groups.items():
+            for (kind, partition), group in groups.items():
                 for chunk, value in _chunks(group, self.settings.events_per_message):
                     futures.append(
                         await producer.send(
-                            topic,
+                            RAW_TOPIC_OF[kind],
                             value=value,
                             key=routing_key(chunk[0]).encode(),
                             partition=partition,
