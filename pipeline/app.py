@@ -18,6 +18,7 @@ import orjson
 
 from pipeline import rewind
 from pipeline.agents.aggregate import AggregateStage
+from pipeline.agents.batches import take_ready
 from pipeline.agents.dedupe import DedupeStage
 from pipeline.settings import Settings
 from pipeline.topics import DEAD_LETTER_TOPIC, PARTIALS_TOPIC, RAW_TOPICS
@@ -160,13 +161,13 @@ def create_pipeline(settings: Settings) -> Pipeline:
 
     @app.agent(raw, name="dedupe")
     async def dedupe_agent(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(settings.batch_max, within=settings.batch_within):
-            await dedupe.process_batch(list(events))  # in chunks: bounds the events held at once
+        async for events in take_ready(stream, settings.batch_max, settings.batch_within):
+            await dedupe.process_batch(events)  # in chunks: bounds the events held at once
 
     @app.agent(partials_topic, name="aggregate")
     async def aggregate_agent(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(settings.batch_max, within=settings.batch_within):
-            await aggregate.process(list(events))
+        async for events in take_ready(stream, settings.batch_max, settings.batch_within):
+            await aggregate.process(events)
 
     @app.task
     async def declare_dead_letter_topic() -> None:

@@ -198,6 +198,7 @@ class WebApp:
         ingest: IngestService | None = None,
         role: str = PUBLIC,
         upstream: str | None = None,
+        exposition: Callable[[], bytes] | None = None,
     ) -> None:
         self.settings = settings
         self.counters = counters
@@ -208,10 +209,13 @@ class WebApp:
         self.unsupported = unsupported
         self.diagnose = diagnose
         self.role = role
+        self.exposition = exposition  # text /metrics begins with (the funnel families)
         self.upstream = upstream  # INGEST: where the stream worker's endpoints answer
         self.internal_port: int | None = None  # STREAM without an admin port: the port it got
         self._client: ClientSession | None = None
         self._runners: list[web.AppRunner] = []
+        # requests the ingest processes forward to the internal port were counted there already
+        self._counted = not (role == STREAM and settings.admin_port is None)
         self.app = self._application()
         if role == STREAM:
             # no public listener: the ingest processes hold the public port
@@ -255,7 +259,8 @@ class WebApp:
         except Exception:
             log.exception("unexpected error on %s", endpoint)
             response = error(500, "internal_error")
-        self.counters.requests.labels(endpoint, str(response.status)).inc()
+        if self._counted:
+            self.counters.requests.labels(endpoint, str(response.status)).inc()
         if (
             isinstance(response, web.HTTPException)
             and response.status >= 400
@@ -360,6 +365,8 @@ class WebApp:
     async def metrics(self, request: web.Request) -> web.Response:
         assert self.registry is not None
         body = generate_latest(self.registry)
+        if self.exposition is not None:
+            body = self.exposition() + body
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def events(self, request: web.Request) -> web.Response:

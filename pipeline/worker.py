@@ -134,7 +134,8 @@ def build_worker(settings: Settings, loglevel: str = "info") -> tuple[Pipeline, 
     def consuming() -> bool:
         return pipeline.consuming() and (processes is None or processes.ready)
 
-    registry.register(FunnelCollector(settings, pipeline.aggregate.views, unsupported_rates, diagnose_metric))
+    # the funnel families are written by the collector itself (fast, cached per campaign)
+    funnel = FunnelCollector(settings, pipeline.aggregate.views, unsupported_rates, diagnose_metric)
     broker_up = (lambda: producer.healthy) if producer is not None else None
     registry.register(LagCollector(lambda: consumer_lag(pipeline.app), broker_up))
     extra_routes = None
@@ -152,6 +153,7 @@ def build_worker(settings: Settings, loglevel: str = "info") -> tuple[Pipeline, 
         extra_routes=extra_routes,
         ingest=ingest,
         role=STREAM if processes is not None else PUBLIC,
+        exposition=funnel.exposition,
     )
     return pipeline, HttpService(web, producer, pipeline, processes)
 

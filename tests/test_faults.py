@@ -182,11 +182,14 @@ def _partial_truth(traffic: Traffic, upto: int):
     seen_orders: set[tuple[str, str]] = set()
     late_ids = {e["event_id"] for e in traffic.events if e["event_id"].endswith("-late")}
     for event in traffic.events[:upto]:
+        key = (event["channel"], event["campaign_id"])
         if event["event_id"] in seen_ids:
+            truth.duplicates[key] += 1
             continue
         seen_ids.add(event["event_id"])
         order = event.get("order_id")
         if order and (event["campaign_id"], order) in seen_orders:
+            truth.duplicates[key] += 1
             continue
         if order:
             seen_orders.add((event["campaign_id"], order))

@@ -85,6 +85,9 @@ def test_two_ingest_processes_share_the_port_and_one_metrics(broker, tmp_path: P
     assert counter(worker.url, "pipeline_events_ingested_total", source="canonical") == sent
     requests = counter(worker.url, "pipeline_http_requests_total", endpoint="/events", status="202")
     assert requests == 40
+    before = counter(worker.url, "pipeline_http_requests_total", endpoint="/metrics")
+    # a forwarded request is counted once, by the ingest process that took it
+    assert counter(worker.url, "pipeline_http_requests_total", endpoint="/metrics") == before + 1
     campaigns = httpx.get(f"{worker.url}/campaigns/email/shared", timeout=10)
     deadline = time.monotonic() + 60
     while campaigns.status_code != 200 or campaigns.json()["counts"]["click"] != sent:
