@@ -178,6 +178,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
     else:
         print(render(result))
+    if args.results:
+        from pipeline.bench.report import write_results
+
+        command = "pipeline " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "pipeline bench"
+        for path in write_results(result, args.results, command):
+            print(f"results written to {path}", file=sys.stderr)
     return 1 if result.get("errors") else 0
 
 
@@ -253,11 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--sustained-start",
         type=float,
         default=None,
-        help="events/s of the first sustained step (default 0.3x the topology rate)",
+        help="events/s of the first sustained step (default 0.25x the topology rate)",
     )
     bench.add_argument("--profile", action="store_true", help="pyinstrument profile of the topology worker")
     bench.add_argument("--keep", action="store_true", help="keep the work directory (logs, profiles)")
     bench.add_argument("--workdir", default=None)
+    bench.add_argument(
+        "--results",
+        default=None,
+        help="also write results.md (table, goals, machine) and results.json into this folder",
+    )
     bench.set_defaults(func=cmd_bench)
 
     from pipeline.simulate import add_arguments

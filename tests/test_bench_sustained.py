@@ -32,8 +32,8 @@ def test_sustained_small_is_exact(broker, broker_kind: str, tmp_path: Path) -> N
 
 
 def test_lag_trend_tells_a_climbing_queue_from_a_wobbling_one() -> None:
-    wobbling = [(float(t), 40.0 + (t % 3) * 20) for t in range(40)]
-    climbing = [(float(t), 10.0 * t) for t in range(40)]
+    wobbling = [(float(t), 40.0 + (t % 3) * 150) for t in range(40)]
+    climbing = [(float(t), 30.0 * t) for t in range(40)]
     assert not sustained.lag_trend(wobbling)[3]
     assert sustained.lag_trend(climbing)[3]
 

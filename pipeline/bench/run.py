@@ -26,6 +26,7 @@ from typing import Any
 from pipeline.bench import baseline, ceiling, ingest, latency, memory, scale, topology
 from pipeline.bench.common import create_topics, produce_single, progress, run_async
 from pipeline.bench.data import generate
+from pipeline.bench.report import machine as report_machine
 from pipeline.broker import EmbeddedBroker
 from pipeline.topics import raw_topic
 
@@ -51,7 +52,7 @@ def defaults(small: bool) -> dict[str, Any]:
         "campaigns": 100,
         "population": 20_000,
         "subscribers": 10_000_000,
-        "ingest_plan": [(1000, 150), (100, 300), (1, 1500)],
+        "ingest_plan": [(1000, 300), (100, 300), (1, 1500)],
         "probes": 20,
         "scale_events": 100_000,
         "topology_runs": 3,
@@ -73,6 +74,7 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
             "python": platform.python_version(),
             "machine": platform.machine(),
         },
+        "machine": report_machine(),
         "errors": {},
     }
     started = time.monotonic()
@@ -170,12 +172,13 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         kinds = options.get("sustained_brokers") or ["tansu", "kafka"]
         topo = result.get("topology")
         # the first step well below what one worker processes, so that a few steps find the knee
-        start = options.get("sustained_start") or (0.3 * topo["events_per_s"] if topo else None)
+        start = options.get("sustained_start") or (0.25 * topo["events_per_s"] if topo else None)
         small = options.get("small", False)
         result["sustained"] = sustained.measure_on(kinds, workdir, small=small, start_rate=start)
 
     phase("sustained", do_sustained)
     result["seconds"] = time.monotonic() - started
+    result["load_end"] = os.getloadavg()
     if not options.get("keep"):
         shutil.rmtree(workdir, ignore_errors=True)
     else:

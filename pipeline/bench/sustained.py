@@ -2,7 +2,8 @@
 
 What a team gets: a real ``pipeline worker`` (the command users run, with its default process
 counts) on a broker given by address (the embedded Tansu or Apache Kafka), fed over HTTP at a
-fixed offered rate per step, the steps rising until one fails:
+fixed offered rate per step, the steps rising by ``growth`` until one fails (a first step that
+fails is halved, up to :data:`MAX_LOWERINGS` times, so the search starts below the knee):
 
 * the load is batches of 1,000 canonical events to ``POST /events`` plus signed SendGrid
   webhooks (``POST /webhooks/sendgrid``, ECDSA with a test key), sent open-loop on a
@@ -44,6 +45,7 @@ from pipeline.bench.data import expected_counts, generate
 from pipeline.bench.ingest import percentile
 
 P99_LIMIT_S = 2.0
+MAX_LOWERINGS = 3  # a first step that fails is halved this many times at most
 PLACEHOLDER = b"@@@@@@@@"  # replaced by the lap number (8 digits) in every id of a lap's bodies
 LAP_DIGITS = len(PLACEHOLDER)
 SALT = "bench-sustained-salt-0123456789abcdef"  # 32+ characters: a salt a worker accepts anywhere
@@ -91,7 +93,7 @@ def plan_for(small: bool, start_rate: float | None = None) -> Plan:
     return Plan(
         hold_s=60.0,
         start_rate=start_rate or 8_000.0,
-        growth=1.2,
+        growth=1.15,
         max_steps=12,
         half_hold_s=60.0,
         probe_every_s=0.5,
@@ -309,8 +311,8 @@ class StepResult:
     p50_ms: float
     p99_ms: float
     max_ms: float
-    lag_first: float  # median consumer lag (messages) in the step's first quarter
-    lag_last: float  # and in its last quarter
+    lag_first: float  # mean consumer lag (messages) in the step's first third
+    lag_last: float  # and in its last third
     lag_max: float
     lag_grows: bool
     behind: bool  # the client could not keep the schedule (too many requests in flight)
@@ -503,23 +505,22 @@ class Watcher:
         self.failed_probes = 0
 
 
-def _median(values: list[float]) -> float:
-    return percentile(values, 50) if values else 0.0
+LAG_FLOOR = 200  # messages: a few seconds of input at these rates, well above the sampling jitter
 
 
 def lag_trend(samples: list[tuple[float, float]]) -> tuple[float, float, float, bool]:
-    """(first-quarter median, last-quarter median, max, grows) of the step's lag samples.
+    """(first-third mean, last-third mean, max, grows) of the step's lag samples (messages).
 
-    The lag grows when the last quarter's median is above the first quarter's by more than
-    half of it and more than a floor of 50 messages (a few hundred ms of input at these
-    rates): a queue that keeps up wobbles around a level, one that does not climbs all step.
+    The lag grows when the last third's mean is above the first third's by more than half of
+    it and more than :data:`LAG_FLOOR`: a queue that keeps up wobbles around a level (a scrape
+    may land just before or after a batch is taken), one that does not climbs all step.
     """
     values = [lag for _, lag in samples]
-    if len(values) < 4:
+    if len(values) < 6:
         return 0.0, 0.0, max(values, default=0.0), False
-    quarter = max(1, len(values) // 4)
-    first, last = _median(values[:quarter]), _median(values[-quarter:])
-    grows = last - first > max(50.0, 0.5 * first)
+    third = len(values) // 3
+    first, last = sum(values[:third]) / third, sum(values[-third:]) / third
+    grows = last - first > max(LAG_FLOOR, 0.5 * first)
     return first, last, max(values), grows
 
 
@@ -670,14 +671,19 @@ async def _measure(
             watcher = Watcher(session, worker, plan, signer)
             steps: list[StepResult] = []
             rate = plan.start_rate
+            lowered = 0
             for n in range(plan.max_steps):
                 step = await run_step(load, watcher, worker, rate, plan.hold_s, f"step{n + 1}", "step")
                 steps.append(step)
                 waited = await drain(watcher, plan.drain_timeout_s)
-                if not step.passed:
-                    break
                 progress(f"sustained: drained in {waited:.1f}s")
-                rate *= plan.growth
+                if step.passed:
+                    rate *= plan.growth
+                elif not any(s.passed for s in steps) and lowered < MAX_LOWERINGS:
+                    lowered += 1  # the first rate was already too high: look below it
+                    rate /= 2
+                else:
+                    break
             passing = [s.achieved_rate for s in steps if s.passed]
             capacity = max(passing, default=0.0)
             result["capacity_events_per_s"] = capacity

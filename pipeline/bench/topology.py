@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.app import create_pipeline
     from pipeline.broker import read_true_highwaters
     from pipeline.settings import Settings
+    from pipeline.worker import quiet_faust_worker
 
     settings = Settings.from_env()
     pipeline = create_pipeline(settings)
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             read_true_highwaters(pipeline.app.consumer, settings.broker or "")
 
     worker = faust.Worker(pipeline.app, Highwaters(), loglevel="warning", quiet=True, redirect_stdouts=False)
+    quiet_faust_worker(worker)  # as `pipeline worker` runs it
     worker.execute_from_commandline()
     return 0
 
