@@ -16,7 +16,11 @@ BROKER_HELP = "Kafka: host:port[,host:port...], kafka:// in front allowed (PIPEL
 
 def _settings(args: argparse.Namespace) -> Settings:
     settings = Settings.from_env()
-    overrides = {"broker": getattr(args, "broker", None), "port": getattr(args, "port", None)}
+    overrides = {
+        "broker": getattr(args, "broker", None),
+        "port": getattr(args, "port", None),
+        "ingest_processes": getattr(args, "ingest_processes", None),
+    }
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = Path(args.data_dir)
     if getattr(args, "host", None):
@@ -167,12 +171,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "keep": args.keep,
             "workdir": args.workdir,
             "brokers": [kind.strip() for kind in args.brokers.split(",") if kind.strip()],
+            "sustained_brokers": args.sustained_brokers.split(",") if args.sustained_brokers else None,
+            "sustained_start": args.sustained_start,
         }
     )
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
     else:
         print(render(result))
+    if args.results:
+        from pipeline.bench.table import write_results
+
+        command = "pipeline " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "pipeline bench"
+        for path in write_results(result, args.results, command):
+            print(f"results written to {path}", file=sys.stderr)
     return 1 if result.get("errors") else 0
 
 
@@ -184,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--port", type=int, default=None, help="HTTP port (PIPELINE_PORT, default 8080)")
         p.add_argument("--host", default=None, help="HTTP bind address (PIPELINE_HOST, default 127.0.0.1)")
         p.add_argument("--data-dir", default=None, help="local state directory (PIPELINE_DATA_DIR)")
+        p.add_argument(
+            "--ingest-processes",
+            type=int,
+            default=None,
+            help="ingest processes beside the stream worker, 0 = ingest in the worker's process "
+            "(PIPELINE_INGEST_PROCESSES, default auto: 1 per 4 CPUs, at least 1; 0 on one CPU)",
+        )
         p.add_argument("--loglevel", default="info")
 
     run = sub.add_parser("run", help="everything in one process; embedded broker when none is configured")
@@ -231,7 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--skip",
         default="",
-        help="comma-separated phases to skip: topology,ceiling,baseline,ingest,latency,memory,scale",
+        help="comma-separated phases to skip: "
+        "topology,ceiling,baseline,ingest,latency,memory,scale,sustained",
+    )
+    bench.add_argument(
+        "--sustained-brokers",
+        default=None,
+        help="broker kinds the sustained-capacity phase runs on, comma-separated (tansu,kafka)",
+    )
+    bench.add_argument(
+        "--sustained-start",
+        type=float,
+        default=None,
+        help="events/s of the first sustained step (default 0.25x the topology rate)",
     )
     bench.add_argument("--profile", action="store_true", help="pyinstrument profile of the topology worker")
     bench.add_argument("--keep", action="store_true", help="keep the work directory (logs, profiles)")
@@ -241,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="tansu",
         help="brokers to run the broker-bound mechanisms on, one after the other: tansu (embedded), "
         "kafka (Apache Kafka, one node), kafka-<version>; e.g. tansu,kafka",
+    )
+    bench.add_argument(
+        "--results",
+        default=None,
+        help="also write results.md (table, goals, machine) and results.json into this folder",
     )
     bench.set_defaults(func=cmd_bench)
 

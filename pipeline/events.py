@@ -2,21 +2,21 @@
 
 The JSON Schema file is the contract: ``schemas/`` at the top of the repository is the source,
 and ``pipeline/schemas`` is a link to it, so the built package carries that very file. The
-validator is compiled from it once at import (fastjsonschema generates Python code from the
-schema), so nothing here restates a field rule.
-What the schema cannot say (a timestamp too far in the future, normalising an RFC 3339 time to
-epoch seconds) is checked after it.
+validator is compiled from it once at import (jsonschema-rs, in Rust), so nothing here restates
+a field rule. A request's events are validated in one call for the whole batch (the schema
+wrapped in an array); only a batch with an invalid event is gone through event by event, to
+say which and why. What the schema cannot say (a timestamp too far in the future, normalising
+an RFC 3339 time to epoch seconds) is checked after it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from datetime import datetime
 from importlib.resources import files
 from typing import Any
 
-import fastjsonschema
+import jsonschema_rs
 import orjson
 
 EVENT_SCHEMA_PATH = files("pipeline") / "schemas" / "event.schema.json"
@@ -25,7 +25,12 @@ EVENT_TYPES: tuple[str, ...] = tuple(EVENT_SCHEMA["properties"]["type"]["enum"])
 CHANNELS: tuple[str, ...] = tuple(EVENT_SCHEMA["properties"]["channel"]["enum"])
 FIELDS: frozenset[str] = frozenset(EVENT_SCHEMA["properties"])
 
-_validate = fastjsonschema.compile(EVENT_SCHEMA)
+_VALIDATOR = jsonschema_rs.validator_for(EVENT_SCHEMA, validate_formats=True)
+_BATCH_VALIDATOR = jsonschema_rs.validator_for(
+    {"type": "array", "items": EVENT_SCHEMA}, validate_formats=True
+)
+# a value JSON Schema has no type for (an integer beyond 64 bits, an EventError from NDJSON)
+_UNCHECKABLE = (ValueError, TypeError, OverflowError)
 
 
 class BodyError(ValueError):
@@ -87,19 +92,35 @@ def _epoch_seconds(value: Any) -> float:
     return seconds
 
 
-def _reason(exc: fastjsonschema.JsonSchemaValueException) -> str:
-    """A short reason from the schema error: which field, which rule; never the value."""
-    path = ".".join(str(p) for p in exc.path[1:]) if exc.path else ""
-    rule = exc.rule or "invalid"
-    if rule == "required":
-        return f"missing_field:{exc.message.split('must contain [')[-1].split(']')[0]}".replace("'", "")
-    if rule in ("enum", "const") and path:
+# jsonschema-rs error kinds -> the schema keyword they report, for reasons like invalid_url:type
+_KEYWORDS = {"OneOfNotValid": "oneOf", "OneOfMultipleValid": "oneOf", "AnyOf": "anyOf"}
+
+
+def _reason(item: Any) -> str:
+    """A short reason from the first schema error: which field, which rule; never the value."""
+    try:
+        error = next(_VALIDATOR.iter_errors(item), None)
+    except _UNCHECKABLE:
+        return "invalid_event:type"
+    if error is None:
+        return "invalid_event"
+    path = ".".join(str(p) for p in error.instance_path)
+    kind = type(error.kind).__name__
+    if kind == "Required":
+        return f"missing_field:{error.kind.property}"
+    if kind in ("Enum", "Constant") and path:
         return f"unknown_{path}" if path in ("type", "channel") else f"invalid_{path}"
-    if rule == "additionalProperties":
+    if kind == "AdditionalProperties":
         return "unknown_field"
-    if path:
-        return f"invalid_{path}:{rule}"
-    return f"invalid_event:{rule}"
+    rule = _KEYWORDS.get(kind) or (kind[:1].lower() + kind[1:])
+    return f"invalid_{path}:{rule}" if path else f"invalid_event:{rule}"
+
+
+def _schema_valid(item: Any) -> bool:
+    try:
+        return bool(_VALIDATOR.is_valid(item))
+    except _UNCHECKABLE:
+        return False
 
 
 def validate_event(item: Any, now: float, max_future_skew: float) -> dict[str, Any]:
@@ -108,17 +129,56 @@ def validate_event(item: Any, now: float, max_future_skew: float) -> dict[str, A
         raise item
     if not isinstance(item, dict):
         raise EventError("not_an_object")
-    try:
-        _validate(item)
-    except fastjsonschema.JsonSchemaValueException as exc:
-        raise EventError(_reason(exc)) from None
-    event = {key: value for key, value in item.items() if key in FIELDS}
-    event["timestamp"] = _epoch_seconds(item["timestamp"])
-    if event["timestamp"] > now + max_future_skew:
+    if not _schema_valid(item):
+        raise EventError(_reason(item))
+    return _normalised({key: value for key, value in item.items() if key in FIELDS}, now + max_future_skew)
+
+
+def _normalised(event: dict[str, Any], latest: float) -> dict[str, Any]:
+    """What the schema cannot say, on an event it accepted (known fields only): epoch seconds,
+    not too far in the future, a finite value."""
+    timestamp = event["timestamp"]
+    if type(timestamp) is not float:
+        timestamp = event["timestamp"] = _epoch_seconds(timestamp)
+    if timestamp > latest:
         raise EventError("timestamp_in_future")
     if "value" in event and not math.isfinite(event["value"]):
         raise EventError("invalid_value")
     return event
+
+
+def validate_events(
+    items: list[Any], now: float, max_future_skew: float
+) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+    """Validate and normalise a request's items: (valid events in order, (index, reason) of the rest).
+
+    The schema is checked once for the whole list; the items are normalised in place (they are
+    the request's own, freshly decoded). Only when some item fails the schema is the list gone
+    through item by item, with :func:`validate_event`'s rules and reasons.
+    """
+    latest = now + max_future_skew
+    valid: list[dict[str, Any]] = []
+    rejected: list[tuple[int, str]] = []
+    try:
+        whole = bool(_BATCH_VALIDATOR.is_valid(items))
+    except _UNCHECKABLE:
+        whole = False
+    if not whole:
+        for index, item in enumerate(items):
+            try:
+                valid.append(validate_event(item, now, max_future_skew))
+            except EventError as exc:
+                rejected.append((index, exc.reason))
+        return valid, rejected
+    fields = FIELDS
+    append = valid.append
+    for index, item in enumerate(items):
+        event = item if item.keys() <= fields else {k: v for k, v in item.items() if k in fields}
+        try:
+            append(_normalised(event, latest))
+        except EventError as exc:
+            rejected.append((index, exc.reason))
+    return valid, rejected
 
 
 def routing_key(event: dict[str, Any]) -> str:
@@ -128,13 +188,3 @@ def routing_key(event: dict[str, Any]) -> str:
     uniqueness are decided locally, while one campaign spreads over all partitions.
     """
     return event.get("subscriber_id") or "#" + event["event_id"]
-
-
-def iter_valid(
-    items: Iterable[Any], now: float, skew: float
-) -> Iterable[tuple[int, dict | None, str | None]]:
-    for index, item in enumerate(items):
-        try:
-            yield index, validate_event(item, now, skew), None
-        except EventError as exc:
-            yield index, None, exc.reason

@@ -68,6 +68,19 @@ def broker_servers(url: str) -> str:
     return ",".join(servers)
 
 
+def _process_count(text: str) -> int | None:
+    """``auto`` (None: chosen from the CPUs) or a number of processes, 0 or more."""
+    if text.strip().lower() in ("", "auto"):
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise SettingsError(f"PIPELINE_INGEST_PROCESSES must be auto or a whole number >= 0, not {text!r}")
+    return count
+
+
 def window_label(seconds: int) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds % size == 0:
@@ -97,6 +110,9 @@ class Settings:
     max_body_bytes: int = 5 * 1024 * 1024
     max_events_per_request: int = 10_000
     max_in_flight_events: int = 200_000  # waiting for broker acks; beyond it ingest answers 503
+    # ingest processes beside the stream worker (0: ingest in the worker's own process);
+    # None: chosen from the CPUs (pipeline.ingest.processes.ingest_process_count)
+    ingest_processes: int | None = None
     # secrets: kept out of repr so that logging a Settings never shows them
     ingest_token: str | None = field(default=None, repr=False)
     id_salt: bytes = field(default=b"", repr=False)
@@ -168,6 +184,7 @@ class Settings:
             batch_within=float(get("PIPELINE_BATCH_WITHIN", "0.05")),
             send_timeout=float(get("PIPELINE_SEND_TIMEOUT", "10")),
             max_in_flight_events=int(get("PIPELINE_MAX_IN_FLIGHT_EVENTS", "200000")),
+            ingest_processes=_process_count(get("PIPELINE_INGEST_PROCESSES", "auto")),
             admin_host=get("PIPELINE_ADMIN_HOST") or "127.0.0.1",
             admin_port=int(get("PIPELINE_ADMIN_PORT")) if get("PIPELINE_ADMIN_PORT") else None,
             tls_cert=Path(get("PIPELINE_TLS_CERT")) if get("PIPELINE_TLS_CERT") else None,

@@ -1,18 +1,28 @@
-"""One stream worker: the Faust app, its HTTP endpoints and the ingest producer together."""
+"""One stream worker: the Faust app and its HTTP endpoints, with ingest in processes of its own
+beside it (:mod:`pipeline.ingest.processes`), or in the same process on one CPU."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from typing import Any
 
 import faust
 import mode
 from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from pipeline.diagnosis.benchmarks import table_for_env
 from pipeline.diagnosis.diagnose import diagnose_view
 from pipeline.http.security import check_listeners, warn_open_endpoints
-from pipeline.http.server import IngestService, WebApp
+from pipeline.http.server import PUBLIC, STREAM, IngestService, WebApp
+from pipeline.ingest.processes import (
+    SHARED_COUNTERS_DIR,
+    IngestProcesses,
+    ingest_process_count,
+    share_counters,
+)
 from pipeline.ingest.producer import EventProducer
 from pipeline.ingest.webhooks import add_webhook_routes, unsupported_for_sources
 from pipeline.kafka import compat
@@ -32,18 +42,51 @@ def unsupported_rates(view: CampaignView) -> frozenset[str]:
 
 
 class HttpService(mode.Service):
-    def __init__(self, web: WebApp, producer: EventProducer, pipeline: Pipeline, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        web: WebApp,
+        producer: EventProducer | None,
+        pipeline: Pipeline,
+        ingest_processes: IngestProcesses | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.web = web
         self.producer = producer
         self.pipeline = pipeline
+        self.ingest_processes = ingest_processes
 
     async def on_start(self) -> None:
         await self.web.start()
+        if self.ingest_processes is not None:
+            settings = self.pipeline.settings
+            # without an admin port, the ingest processes forward /health, /metrics and
+            # /campaigns from the public port to this process's loopback-only listener
+            upstream = (
+                None if settings.admin_port is not None else f"http://127.0.0.1:{self.web.internal_port}"
+            )
+            self.ingest_processes.start(upstream)
+            log.info("%d ingest process(es) on port %d", self.ingest_processes.count, settings.port)
+
+    @mode.Service.task
+    async def _watch_ingest_processes(self) -> None:
+        processes = self.ingest_processes
+        if processes is None:
+            return
+        while not self.should_stop:
+            processes.poll()
+            if processes.failed:
+                log.critical("the worker stops: %s", processes.failed)
+                os.kill(os.getpid(), signal.SIGTERM)  # a clean stop; run_worker exits non-zero
+                return
+            await self.sleep(0.2)
 
     async def on_stop(self) -> None:
+        if self.ingest_processes is not None:
+            self.ingest_processes.stop()  # they finish the requests they hold first
         await self.web.stop()
-        await self.producer.stop()
+        if self.producer is not None:
+            await self.producer.stop()
 
 
 def consumer_lag(app: faust.App) -> dict[tuple[str, int], int]:
@@ -64,39 +107,70 @@ def consumer_lag(app: faust.App) -> dict[tuple[str, int], int]:
     return lags
 
 
-def build_worker(settings: Settings) -> tuple[Pipeline, HttpService]:
+def build_worker(settings: Settings, loglevel: str = "info") -> tuple[Pipeline, HttpService]:
     check_listeners(settings)  # before anything starts: a refused start leaves nothing behind
     warn_open_endpoints(settings)
     if settings.env.get("PIPELINE_BENCHMARKS"):
         table_for_env(settings.env)  # a broken benchmarks file stops the start, not a scrape
     pipeline = create_pipeline(settings)
     registry = CollectorRegistry(auto_describe=False)
-    counters = HealthCounters(registry)
-    producer = EventProducer(settings)
-    ingest = IngestService(settings, producer, counters)
+    count = ingest_process_count(settings)
+    processes: IngestProcesses | None = None
+    producer: EventProducer | None = None
+    ingest: IngestService | None = None
+    if count:
+        directory = settings.data_dir.resolve() / SHARED_COUNTERS_DIR
+        share_counters(directory)
+        counters = HealthCounters(None)
+        MultiProcessCollector(registry, path=str(directory))
+        processes = IngestProcesses(settings, count, directory, loglevel)
+    else:
+        counters = HealthCounters(registry)
+        producer = EventProducer(settings)
+        ingest = IngestService(settings, producer, counters)
 
     def diagnose_metric(view: CampaignView) -> tuple[str, str]:
         doc = diagnose_view(view, settings, unsupported_rates(view))
         return doc["bottleneck"], doc["advice"]
 
-    registry.register(FunnelCollector(settings, pipeline.aggregate.views, unsupported_rates, diagnose_metric))
-    registry.register(LagCollector(lambda: consumer_lag(pipeline.app), lambda: producer.healthy))
+    def consuming() -> bool:
+        return pipeline.consuming() and (processes is None or processes.ready)
+
+    # the funnel families are written by the collector itself (fast, cached per campaign)
+    funnel = FunnelCollector(settings, pipeline.aggregate.views, unsupported_rates, diagnose_metric)
+    broker_up = (lambda: producer.healthy) if producer is not None else None
+    registry.register(LagCollector(lambda: consumer_lag(pipeline.app), broker_up))
+    extra_routes = None
+    if ingest is not None:
+        service = ingest
+        extra_routes = lambda web_app: add_webhook_routes(web_app, service, settings)  # noqa: E731
     web = WebApp(
         settings,
-        ingest,
+        counters,
         registry,
         pipeline.aggregate.views,
-        pipeline.consuming,
+        consuming,
         unsupported_rates,
         diagnose=lambda view: diagnose_view(view, settings, unsupported_rates(view)),
-        extra_routes=lambda web_app: add_webhook_routes(web_app, ingest, settings),
+        extra_routes=extra_routes,
+        ingest=ingest,
+        role=STREAM if processes is not None else PUBLIC,
+        exposition=funnel.exposition,
     )
-    return pipeline, HttpService(web, producer, pipeline)
+    return pipeline, HttpService(web, producer, pipeline, processes)
+
+
+def quiet_faust_worker(worker: faust.Worker) -> None:
+    """No terminal spinner. At log levels of WARNING and above, Faust's worker sets the root
+    logger to DEBUG so that its spinner turns on every log record: then every debug call of
+    Faust and aiokafka (several per message sent) builds a record, about 7 % of the stream
+    worker's time under load, and the log file gets the spinner's terminal codes."""
+    worker.spinner = None
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
     """Run until interrupted (SIGINT/SIGTERM stop it cleanly)."""
-    pipeline, http = build_worker(settings)
+    pipeline, http = build_worker(settings, loglevel)
     try:
         declare_pipeline_topics(
             settings.broker or "", pipeline.topics, settings.partitions, settings.replication
@@ -104,4 +178,9 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     except TopicsError as exc:
         raise SystemExit(f"the worker cannot start: {exc}") from exc
     worker = faust.Worker(pipeline.app, http, loglevel=loglevel, quiet=True, redirect_stdouts=False)
-    worker.execute_from_commandline()
+    quiet_faust_worker(worker)
+    try:
+        worker.execute_from_commandline()
+    finally:
+        if http.ingest_processes is not None and http.ingest_processes.failed:
+            raise SystemExit(f"the worker stopped: {http.ingest_processes.failed}")

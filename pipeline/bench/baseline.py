@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import faust
 
+    from pipeline.worker import quiet_faust_worker
+
     app = faust.App(
         f"bench-baseline-{os.getpid()}",
         broker=f"kafka://{args.broker}",
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             write_json(status, state)
 
     worker = faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False)
+    quiet_faust_worker(worker)  # as `pipeline worker` runs it
     worker.execute_from_commandline()
     return 0
 

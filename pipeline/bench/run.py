@@ -9,9 +9,10 @@ one node on loopback), one after the other on the same events:
    the framework-free ceiling, the natural Faust baseline and the real topology consume it;
 2. broker B: a real ``pipeline worker``: HTTP ingest in batches of 1,000, 100 and 1,
    then webhook-to-``/metrics`` latency at half the sustainable load;
-3. broker C: two real-topology workers on one hot campaign;
-
-and once, with no broker: the dedupe state of ``--subscribers`` subscribers in RocksDB.
+3. dedupe state of ``--subscribers`` subscribers in RocksDB;
+4. embedded broker C: two real-topology workers on one hot campaign;
+5. sustained capacity end to end (:mod:`.sustained`): ``pipeline worker`` fed over HTTP at
+   rising rates, on a fresh broker of each kind (the embedded Tansu, Apache Kafka).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 from pipeline.bench import baseline, ceiling, ingest, latency, memory, scale, topology
 from pipeline.bench.common import create_topics, produce_single, progress, run_async
 from pipeline.bench.data import generate
+from pipeline.bench.table import machine as report_machine
 from pipeline.kafka.local import KAFKA_VERSION, KafkaCluster
 from pipeline.kafka.tansu import EmbeddedBroker
 from pipeline.kafka.topics import RAW_TOPICS, raw_topic
@@ -65,7 +67,7 @@ def defaults(small: bool) -> dict[str, Any]:
         "campaigns": 100,
         "population": 20_000,
         "subscribers": 10_000_000,
-        "ingest_plan": [(1000, 150), (100, 300), (1, 1500)],
+        "ingest_plan": [(1000, 300), (100, 300), (1, 1500)],
         "probes": 20,
         "scale_events": 100_000,
         "topology_runs": 3,
@@ -87,6 +89,7 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
             "python": platform.python_version(),
             "machine": platform.machine(),
         },
+        "machine": report_machine(),
         "errors": {},
     }
     started = time.monotonic()
@@ -130,7 +133,19 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
 
     phase("memory", do_memory)
 
+    def do_sustained() -> None:
+        from pipeline.bench import sustained
+
+        sustained_kinds = options.get("sustained_brokers") or ["tansu", "kafka"]
+        topo = result.get("topology")
+        # the first step well below what one worker processes, so that a few steps find the knee
+        start = options.get("sustained_start") or (0.25 * topo["events_per_s"] if topo else None)
+        small = options.get("small", False)
+        result["sustained"] = sustained.measure_on(sustained_kinds, workdir, small=small, start_rate=start)
+
+    phase("sustained", do_sustained)
     result["seconds"] = time.monotonic() - started
+    result["load_end"] = os.getloadavg()
     if not options.get("keep"):
         shutil.rmtree(workdir, ignore_errors=True)
     else:

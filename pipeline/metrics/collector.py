@@ -8,12 +8,13 @@ Ingest-side health counters are ordinary process counters.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from pipeline.rules.aggregate import CampaignView
 from pipeline.rules.dedupe import TOTAL_EVENTS, UNIQUE_EVENTS
@@ -34,7 +35,90 @@ def select_campaigns(views: list[CampaignView], limit: int) -> tuple[list[Campai
     return ranked[:limit], len(views) - limit
 
 
+# (name as exported, type, help, label names) of the per-campaign families, in output order
+CAMPAIGN_FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    (
+        "funnel_events_total",
+        "counter",
+        "Events after event_id deduplication",
+        ("channel", "campaign", "event"),
+    ),
+    (
+        "funnel_unique_events_total",
+        "counter",
+        "Distinct subscribers with at least one such event (open includes clickers)",
+        ("channel", "campaign", "event"),
+    ),
+    (
+        "funnel_rate",
+        "gauge",
+        "Funnel rate (0..1); absent without a sample",
+        ("channel", "campaign", "rate", "window"),
+    ),
+    (
+        "funnel_window_events",
+        "gauge",
+        "Counts in the most recent complete event-time window",
+        ("channel", "campaign", "window", "event"),
+    ),
+    (
+        "funnel_window_end_seconds",
+        "gauge",
+        "Event-time end of the window shown",
+        ("channel", "campaign", "window"),
+    ),
+    ("funnel_diagnosis", "gauge", "1 for the current bottleneck", ("channel", "campaign", "bottleneck")),
+    (
+        "funnel_diagnosis_info",
+        "gauge",
+        "1, carrying the advice for the current bottleneck",
+        ("channel", "campaign", "bottleneck", "advice"),
+    ),
+)
+EVENTS, UNIQUES, RATES, WINDOW_EVENTS, WINDOW_END, DIAGNOSIS, DIAGNOSIS_INFO = range(len(CAMPAIGN_FAMILIES))
+Samples = list[list[tuple[tuple[str, ...], float]]]  # per family: (label values, value)
+
+
+@functools.lru_cache(maxsize=65536)  # campaign names, labels and advice repeat on every line
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _line_template(family: int) -> tuple[str, tuple[int, ...]]:
+    """``name{a="%s",b="%s"} %s`` with the labels in name order (as prometheus_client writes
+    them), and the order in which a sample's label values fill it."""
+    name, _, _, labels = CAMPAIGN_FAMILIES[family]
+    order = tuple(sorted(range(len(labels)), key=lambda i: labels[i]))
+    return name + "{" + ",".join(f'{labels[i]}="%s"' for i in order) + "} %s\n", order
+
+
+TEMPLATES = [_line_template(family) for family in range(len(CAMPAIGN_FAMILIES))]
+
+
+def _number(value: float) -> str:
+    if type(value) is int and -(10**15) < value < 10**15:
+        return f"{value}.0"  # what floatToGoString gives for these, without its float detour
+    return floatToGoString(value)
+
+
+def _sample_lines(family: int, samples: list[tuple[tuple[str, ...], float]]) -> bytes:
+    """Text-format lines of one family's samples."""
+    template, order = TEMPLATES[family]
+    escape = _escape
+    return "".join(
+        [template % (*[escape(values[i]) for i in order], _number(value)) for values, value in samples]
+    ).encode("utf-8")
+
+
 class FunnelCollector(Collector):
+    """The funnel families, computed from the campaign views at scrape time.
+
+    :meth:`exposition` writes them as Prometheus text itself, and keeps each campaign's lines
+    until that campaign's view changes (a view object stands for one stored state of the
+    campaign), so a scrape costs little for campaigns that did not move since the last one.
+    :meth:`collect` gives the same samples as metric families.
+    """
+
     def __init__(
         self,
         settings: Settings,
@@ -46,69 +130,43 @@ class FunnelCollector(Collector):
         self.views = views
         self.unsupported = unsupported
         self.diagnose = diagnose
+        self._rendered: dict[tuple[str, str], tuple[CampaignView, list[bytes]]] = {}
 
     def describe(self) -> Iterable[Metric]:
         return []  # collected lazily: no scrape at registration time
 
-    def collect(self) -> Iterator[Metric]:
+    def samples(self, view: CampaignView) -> Samples:
+        """Every sample one campaign contributes, per family of :data:`CAMPAIGN_FAMILIES`."""
         settings = self.settings
-        views, overflow = select_campaigns(self.views(), settings.max_campaigns)
-        events = CounterMetricFamily(
-            "funnel_events", "Events after event_id deduplication", labels=["channel", "campaign", "event"]
-        )
-        uniques = CounterMetricFamily(
-            "funnel_unique_events",
-            "Distinct subscribers with at least one such event (open includes clickers)",
-            labels=["channel", "campaign", "event"],
-        )
-        rates = GaugeMetricFamily(
-            "funnel_rate",
-            "Funnel rate (0..1); absent without a sample",
-            labels=["channel", "campaign", "rate", "window"],
-        )
-        window_events = GaugeMetricFamily(
-            "funnel_window_events",
-            "Counts in the most recent complete event-time window",
-            labels=["channel", "campaign", "window", "event"],
-        )
-        window_end = GaugeMetricFamily(
-            "funnel_window_end_seconds",
-            "Event-time end of the window shown",
-            labels=["channel", "campaign", "window"],
-        )
-        diagnosis = GaugeMetricFamily(
-            "funnel_diagnosis", "1 for the current bottleneck", labels=["channel", "campaign", "bottleneck"]
-        )
-        diagnosis_info = GaugeMetricFamily(
-            "funnel_diagnosis_info",
-            "1, carrying the advice for the current bottleneck",
-            labels=["channel", "campaign", "bottleneck", "advice"],
-        )
+        out: Samples = [[] for _ in CAMPAIGN_FAMILIES]
+        ch, camp = view.channel, view.campaign
+        totals = view.totals
+        out[EVENTS] = [((ch, camp, name), totals.get(name, 0)) for name in TOTAL_LABELS]
+        out[UNIQUES] = [((ch, camp, name), totals.get(f"unique_{name}", 0)) for name in UNIQUE_LABELS]
+        unsupported = self.unsupported(view)
+        windows: list[tuple[str, dict[str, int]]] = [("all", totals)]
+        for label, shown in view.complete_windows(settings.window_labels, settings.allowed_lateness):
+            windows.append((label, shown.counts))
+            out[WINDOW_END].append(((ch, camp, label), shown.end))
+            out[WINDOW_EVENTS] += [
+                ((ch, camp, label, name), shown.counts.get(name, 0)) for name in WINDOW_COUNT_LABELS
+            ]
+        for label, counts in windows:
+            for rate, value in compute_rates(ch, counts, settings.email_denominator, unsupported).items():
+                if value is not None:
+                    out[RATES].append(((ch, camp, rate, label), value))
+        if self.diagnose is not None:
+            bottleneck, advice = self.diagnose(view)
+            out[DIAGNOSIS].append(((ch, camp, bottleneck), 1))
+            out[DIAGNOSIS_INFO].append(((ch, camp, bottleneck, advice), 1))
+        return out
+
+    def _pipeline_families(self, views: list[CampaignView], overflow: int) -> list[Metric]:
         duplicates: dict[str, int] = {}
         late: dict[str, int] = {}
         for view in views:
-            ch, camp = view.channel, view.campaign
-            for name in TOTAL_LABELS:
-                events.add_metric([ch, camp, name], view.totals.get(name, 0))
-            for name in UNIQUE_LABELS:
-                uniques.add_metric([ch, camp, name], view.totals.get(f"unique_{name}", 0))
-            unsupported = self.unsupported(view)
-            windows: list[tuple[str, dict[str, int]]] = [("all", view.totals)]
-            for label, shown in view.complete_windows(settings.window_labels, settings.allowed_lateness):
-                windows.append((label, shown.counts))
-                window_end.add_metric([ch, camp, label], shown.end)
-                for name in WINDOW_COUNT_LABELS:
-                    window_events.add_metric([ch, camp, label, name], shown.counts.get(name, 0))
-            for label, counts in windows:
-                for rate, value in compute_rates(ch, counts, settings.email_denominator, unsupported).items():
-                    if value is not None:
-                        rates.add_metric([ch, camp, rate, label], value)
-            if self.diagnose is not None:
-                bottleneck, advice = self.diagnose(view)
-                diagnosis.add_metric([ch, camp, bottleneck], 1)
-                diagnosis_info.add_metric([ch, camp, bottleneck, advice], 1)
-            duplicates[ch] = duplicates.get(ch, 0) + view.duplicates
-            late[ch] = late.get(ch, 0) + view.late
+            duplicates[view.channel] = duplicates.get(view.channel, 0) + view.duplicates
+            late[view.channel] = late.get(view.channel, 0) + view.late
         dup_family = CounterMetricFamily(
             "pipeline_duplicates_dropped", "Redeliveries and repeated orders dropped", labels=["channel"]
         )
@@ -125,23 +183,65 @@ class FunnelCollector(Collector):
             "pipeline_campaigns_overflow", "Campaigns owned but not exported (PIPELINE_MAX_CAMPAIGNS)"
         )
         overflow_family.add_metric([], overflow)
-        families: list[Any] = [
-            events,
-            uniques,
-            rates,
-            window_events,
-            window_end,
-            dup_family,
-            late_family,
-            overflow_family,
-        ]
-        if self.diagnose is not None:
-            families += [diagnosis, diagnosis_info]
+        return [dup_family, late_family, overflow_family]
+
+    def collect(self) -> Iterator[Metric]:
+        views, overflow = select_campaigns(self.views(), self.settings.max_campaigns)
+        families: list[Metric] = []
+        for name, kind, doc, labels in CAMPAIGN_FAMILIES:
+            base = name.removesuffix("_total") if kind == "counter" else name
+            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            families.append(cls(base, doc, labels=list(labels)))
+        for view in views:
+            for family, samples in zip(families, self.samples(view), strict=True):
+                for values, value in samples:
+                    family.add_metric(list(values), value)
+        if self.diagnose is None:
+            families = families[:DIAGNOSIS]
         yield from families
+        yield from self._pipeline_families(views, overflow)
+
+    def exposition(self) -> bytes:
+        """The same as :meth:`collect`, in Prometheus text format, re-rendering only campaigns
+        whose view changed since the last call."""
+        views, overflow = select_campaigns(self.views(), self.settings.max_campaigns)
+        rendered: dict[tuple[str, str], tuple[CampaignView, list[bytes]]] = {}
+        previous = self._rendered
+        for view in views:
+            key = (view.channel, view.campaign)
+            cached = previous.get(key)
+            if cached is None or cached[0] is not view:
+                lines = [_sample_lines(f, samples) for f, samples in enumerate(self.samples(view))]
+                cached = (view, lines)
+            rendered[key] = cached
+        self._rendered = rendered  # campaigns no longer shown are forgotten
+        count = DIAGNOSIS if self.diagnose is None else len(CAMPAIGN_FAMILIES)
+        parts = []
+        for family in range(count):
+            name, kind, doc, _ = CAMPAIGN_FAMILIES[family]
+            parts.append(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n".encode())
+            parts += [lines[family] for _, lines in rendered.values()]
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Fixed(self._pipeline_families(views, overflow)))
+        parts.append(generate_latest(registry))
+        return b"".join(parts)
+
+
+class _Fixed(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
 
 
 class LagCollector(Collector):
-    def __init__(self, lag: Callable[[], dict[tuple[str, int], int]], broker_up: Callable[[], bool]) -> None:
+    """Consumer lag per owned partition, and whether this process's ingest reaches the broker
+    (``broker_up`` None: ingest runs in processes of its own, which export that gauge)."""
+
+    def __init__(
+        self, lag: Callable[[], dict[tuple[str, int], int]], broker_up: Callable[[], bool] | None
+    ) -> None:
         self.lag = lag
         self.broker_up = broker_up
 
@@ -157,15 +257,24 @@ class LagCollector(Collector):
         for (topic, partition), lag in sorted(self.lag().items()):
             family.add_metric([topic, str(partition)], lag)
         yield family
-        up = GaugeMetricFamily("pipeline_broker_up", "1 when the broker acknowledges this worker")
-        up.add_metric([], 1 if self.broker_up() else 0)
-        yield up
+        if self.broker_up is not None:
+            up = GaugeMetricFamily("pipeline_broker_up", BROKER_UP_HELP)
+            up.add_metric([], 1 if self.broker_up() else 0)
+            yield up
+
+
+BROKER_UP_HELP = "1 when the broker acknowledges this worker"
 
 
 class HealthCounters:
-    """Process-local counters of the ingest side."""
+    """Counters of the ingest side.
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    ``registry`` None: the counters are not registered anywhere, because this process shares
+    them with its sibling processes through prometheus_client's multiprocess files, and the
+    stream worker's ``/metrics`` sums those (:mod:`pipeline.ingest.processes`).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
         self.ingested = Counter(
             "pipeline_events_ingested",
             "Events accepted and acknowledged by the broker",
@@ -196,3 +305,9 @@ class HealthCounters:
             ["provider"],
             registry=registry,
         )
+
+
+def broker_up_gauge() -> Gauge:
+    """``pipeline_broker_up`` of an ingest process, shared with the others: the lowest value
+    over the live processes, so one that cannot reach the broker shows as 0."""
+    return Gauge("pipeline_broker_up", BROKER_UP_HELP, registry=None, multiprocess_mode="livemin")

@@ -1,8 +1,10 @@
 """Stage 1, keyed by subscriber: drop redeliveries, decide uniqueness, count per partition.
 
-A batch (all messages a fetch delivered, up to ``batch_max``) is cut into chunks of about
-:data:`CHUNK_BYTES`. For every chunk, per partition: decode every message once, read every
-subscriber record and partial the chunk touches in one multi-get, apply the events in order
+A batch (the messages waiting when it was taken, up to ``batch_max``: see
+:mod:`pipeline.stages.batches`) is cut into chunks of at most about :data:`CHUNK_BYTES`, so a
+chunk is the backlog, up to that size (:meth:`DedupeStage.chunks`). For every chunk, per
+partition: decode every message once, read every subscriber record and partial the chunk
+touches in one multi-get, apply the events in order
 (:mod:`pipeline.rules.dedupe`), then write each changed record once. The rest of a chunk runs while
 the next chunk is applied: once the records' changelog is acknowledged, each changed partial
 is written once, then every changed partial's snapshot goes to the aggregator keyed by
@@ -110,7 +112,15 @@ class DedupeStage:
         self._inflight: dict[bytes, tuple[Partial, bytes]] = {}
 
     def chunks(self, events: list[faust.types.EventT]) -> list[list[faust.types.EventT]]:
-        """Split a batch of messages into pieces of about ``CHUNK_BYTES`` of events, in order."""
+        """Split a batch of messages into pieces of at most about ``CHUNK_BYTES``, in order.
+
+        A batch is what was waiting when it was taken (:mod:`pipeline.stages.batches`), so the
+        chunk follows the backlog: a trickle goes through in small chunks at once, a backlog in
+        chunks of up to 16 MiB. Cutting a batch smaller than that into several chunks, to show
+        its first results earlier, was measured: it cost the topology-only rate 10-20 % (every
+        chunk sends a snapshot per campaign and partition it touched), and below capacity the
+        batches are small anyway, so it would help only under a backlog.
+        """
         out: list[list[faust.types.EventT]] = []
         current: list[faust.types.EventT] = []
         size = 0

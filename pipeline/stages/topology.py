@@ -20,6 +20,7 @@ from pipeline.kafka import compat
 from pipeline.kafka.topics import DEAD_LETTER_TOPIC, PARTIALS_TOPIC, RAW_TOPICS
 from pipeline.settings import Settings
 from pipeline.stages.aggregate import AggregateStage
+from pipeline.stages.batches import take_ready
 from pipeline.stages.dedupe import DedupeStage
 
 log = logging.getLogger(__name__)
@@ -137,13 +138,13 @@ def create_pipeline(settings: Settings) -> Pipeline:
 
     @app.agent(raw, name="dedupe")
     async def dedupe_agent(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(settings.batch_max, within=settings.batch_within):
-            await dedupe.process_batch(list(events))  # in chunks: bounds the events held at once
+        async for events in take_ready(stream, settings.batch_max, settings.batch_within):
+            await dedupe.process_batch(events)  # in chunks: bounds the events held at once
 
     @app.agent(partials_topic, name="aggregate")
     async def aggregate_agent(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(settings.batch_max, within=settings.batch_within):
-            await aggregate.process(list(events))
+        async for events in take_ready(stream, settings.batch_max, settings.batch_within):
+            await aggregate.process(events)
 
     @app.task
     async def declare_dead_letter_topic() -> None:

@@ -27,6 +27,10 @@ def test_small_bench_is_exact_on_tansu_and_kafka(tmp_path: Path) -> None:
             str(tmp_path / "bench"),
             "--brokers",
             "tansu,kafka",
+            "--results",
+            str(tmp_path / "results"),
+            "--sustained-brokers",
+            "tansu",  # the sustained mechanism on Apache Kafka: its own test
         ],
         cwd=ROOT,
         capture_output=True,
@@ -51,3 +55,13 @@ def test_small_bench_is_exact_on_tansu_and_kafka(tmp_path: Path) -> None:
         assert sum(worker["events"] for worker in scale["per_worker"]) == scale["events"]
     assert result["topology"] == result["by_broker"]["tansu"]["topology"]  # the first one heads it
     assert result["memory"]["read_found"] == result["memory"]["read_sample"]
+    # the results file: the same run's table with every goal judged, and the machine it ran on
+    written = (tmp_path / "results" / "results.md").read_text()
+    goal_lines = written.split("goals (ratios from this run):")[1].split("\n\n")[0].strip().splitlines()
+    assert len(goal_lines) == 4, goal_lines  # sustained, ingest, half-capacity latency, topology
+    assert all(line.split()[0] in ("MET", "MISSED") for line in goal_lines), goal_lines
+    assert "machine:" in written and "CPUs" in written
+    assert json.loads((tmp_path / "results" / "results.json").read_text())["config"] == result["config"]
+    sustained = result["sustained"]["tansu"]
+    assert sustained["exact"], sustained["problems"]
+    assert sustained["steps"]

@@ -36,7 +36,7 @@ def app(tmp_path: Path) -> faust.App:
 
 def test_the_tested_versions_are_the_pinned_ones():
     pins = dict(
-        re.fullmatch(r"([a-z-]+)==(.+)", dep).groups()  # type: ignore[union-attr]
+        re.fullmatch(r"([A-Za-z0-9_.-]+)==(.+)", dep).groups()  # type: ignore[union-attr]
         for dep in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
         if "==" in dep
     )

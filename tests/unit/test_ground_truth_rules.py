@@ -217,3 +217,18 @@ def test_the_simulators_truth_equals_the_stream_oracle():
     stream = from_stream(traffic.events, traffic.truth.windows, late)
     for channel, campaign in traffic.campaigns:
         assert stream.expected(channel, campaign) == traffic.truth.expected(channel, campaign)
+
+
+def test_partitioner_is_kafkas_murmur2() -> None:
+    """The C partitioner gives every key the partition aiokafka's (the Java client's) gives it."""
+    import random
+
+    from aiokafka.partitioner import murmur2
+
+    rng = random.Random(3)
+    keys = ["", "s0001234", "h:" + "ab" * 16, "#ev-1", "Zoë ☃ 𝄞", "\udc80x"]
+    keys += ["".join(chr(rng.randrange(1, 0x2FFF)) for _ in range(rng.randrange(0, 40))) for _ in range(3000)]
+    for key in keys:
+        data = key.encode("utf-8", "surrogatepass")
+        for partitions in (1, 4, 7, 12):
+            assert partition_for(key, partitions) == (murmur2(data) & 0x7FFFFFFF) % partitions, key

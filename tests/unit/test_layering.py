@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pipeline.stages",),
     ("pipeline.http",),
     ("pipeline.ingest.webhooks",),
-    ("pipeline.worker",),
+    ("pipeline.worker", "pipeline.ingest.server", "pipeline.ingest.processes"),
     # tools and the command line
     ("pipeline.simulation", "pipeline.diagnosis.report", "pipeline.bench"),
     ("pipeline.cli", "pipeline.__main__"),
