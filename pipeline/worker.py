@@ -16,7 +16,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from pipeline.diagnosis.benchmarks import table_for_env
 from pipeline.diagnosis.diagnose import diagnose_view
 from pipeline.http.security import check_listeners, warn_open_endpoints
-from pipeline.http.server import PUBLIC, STREAM, IngestService, WebApp
+from pipeline.http.server import PUBLIC, STREAM, WebApp
+from pipeline.http.webhooks import add_webhook_routes, unsupported_for_sources
 from pipeline.ingest.processes import (
     SHARED_COUNTERS_DIR,
     IngestProcesses,
@@ -24,7 +25,7 @@ from pipeline.ingest.processes import (
     share_counters,
 )
 from pipeline.ingest.producer import EventProducer
-from pipeline.ingest.webhooks import add_webhook_routes, unsupported_for_sources
+from pipeline.ingest.service import IngestService
 from pipeline.kafka import compat
 from pipeline.kafka.declare import TopicsError, declare_pipeline_topics
 from pipeline.kafka.topics import PARTIALS_TOPIC, RAW_TOPICS

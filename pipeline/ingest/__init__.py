@@ -1,1 +1,1 @@
-"""Ingest: the canonical ``POST /events`` endpoint, provider webhooks, and the producer."""
+"""Ingest: turning requests into messages: validation and pseudonymisation (service.py), the producer, one adapter per provider (providers/), and the ingest processes beside the stream worker."""

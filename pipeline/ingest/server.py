@@ -35,9 +35,10 @@ def die_with_parent(parent: int) -> None:
 
 
 async def serve(settings: Settings, upstream: str | None, ready_fd: int) -> None:
-    from pipeline.http.server import INGEST, IngestService, WebApp
+    from pipeline.http.server import INGEST, WebApp
+    from pipeline.http.webhooks import add_webhook_routes
     from pipeline.ingest.producer import EventProducer
-    from pipeline.ingest.webhooks import add_webhook_routes
+    from pipeline.ingest.service import IngestService
     from pipeline.metrics.collector import HealthCounters, broker_up_gauge
 
     counters = HealthCounters(None)  # multiprocess files, summed by the worker's /metrics

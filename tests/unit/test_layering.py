@@ -31,9 +31,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("pipeline.state",),
     # I/O: ingest, the stages, the HTTP side
     ("pipeline.ingest.producer",),
+    ("pipeline.ingest.service",),
     ("pipeline.stages",),
     ("pipeline.http",),
-    ("pipeline.ingest.webhooks",),
     ("pipeline.worker", "pipeline.ingest.server", "pipeline.ingest.processes"),
     # tools and the command line
     ("pipeline.simulation", "pipeline.diagnosis.report", "pipeline.bench"),

@@ -31,9 +31,9 @@ from pipeline.ingest.providers.ses import SesAdapter, fetch_certificate
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
-    from pipeline.http.server import IngestService, WebApp
+    from pipeline.http.server import WebApp
 
-from pipeline.http.server import Overloaded
+from pipeline.ingest.service import IngestService, Overloaded
 
 log = logging.getLogger(__name__)
 
