@@ -238,6 +238,9 @@ class WorkerUnderTest:
             "PIPELINE_APP_ID": "bench-sustained",
             "PIPELINE_ID_SALT": SALT,
             "SENDGRID_WEBHOOK_PUBLIC_KEY": signer.public_key,
+            # every probe is a campaign of its own, a thousand and more in a full run: the
+            # default export limit would drop the least recently active campaigns (the load's)
+            "PIPELINE_MAX_CAMPAIGNS": "100000",
             **extra_env,
         }
         self.proc = subprocess.Popen(
