@@ -626,13 +626,25 @@ def exported_counts(text: bytes) -> dict[str, dict[str, int]]:
 
 
 def check_truth(text: bytes, lap: Lap, laps: int, probes: int) -> list[str]:
-    """Differences between what /metrics exports and what was sent (empty: exact)."""
+    """Differences between what /metrics exports and what was sent (empty: exact); the totals
+    first, then campaign by campaign."""
     problems = []
+    overflow = sum(v for _, _, v in samples(text, {"pipeline_campaigns_overflow"}))
+    if overflow:
+        problems.append(f"{overflow:.0f} campaigns not exported (PIPELINE_MAX_CAMPAIGNS)")
+    ingested = {
+        labels["source"]: round(v) for _, labels, v in samples(text, {"pipeline_events_ingested_total"})
+    }
+    want_ingested = {"canonical": lap.canonical_events * laps, "sendgrid": lap.webhook_events * laps + probes}
+    if ingested != want_ingested:
+        problems.append(f"pipeline_events_ingested_total {ingested} != {want_ingested}")
+    want_dups = laps * sum(doc["duplicates"] for doc in lap.expected.values())
+    dups = sum(round(v) for _, _, v in samples(text, {"pipeline_duplicates_dropped_total"}))
+    if dups != want_dups:
+        problems.append(f"duplicates dropped {dups} != {want_dups} sent")
     got = exported_counts(text)
-    want_dups = 0
     for key, doc in lap.expected.items():
         want = {name: n * laps for name, n in doc["counts"].items() if n and name != "bot_click"}
-        want_dups += doc["duplicates"] * laps
         have = got.pop(key, {})
         if have != want:
             problems.append(f"{key}: exported {have} != sent {want}")
@@ -644,15 +656,6 @@ def check_truth(text: bytes, lap: Lap, laps: int, probes: int) -> list[str]:
         problems.append(f"{len(probe_campaigns)} probe campaigns exported, {probes} probes accepted")
     for key in got:
         problems.append(f"{key}: exported but never sent")
-    dups = sum(round(v) for _, _, v in samples(text, {"pipeline_duplicates_dropped_total"}))
-    if dups != want_dups:
-        problems.append(f"duplicates dropped {dups} != {want_dups} sent")
-    ingested = {
-        labels["source"]: round(v) for _, labels, v in samples(text, {"pipeline_events_ingested_total"})
-    }
-    want_ingested = {"canonical": lap.canonical_events * laps, "sendgrid": lap.webhook_events * laps + probes}
-    if ingested != want_ingested:
-        problems.append(f"pipeline_events_ingested_total {ingested} != {want_ingested}")
     return problems
 
 
