@@ -12,30 +12,37 @@ import faust
 
 from pipeline.rules.aggregate import CampaignView, combine, merge_snapshot
 from pipeline.state import codec
-from pipeline.state.bulk_table import group_by_partition, on_partition_of
+from pipeline.state.bulk_table import BulkTable, group_by_partition
 from pipeline.state.codec import Partial
 
 
 class AggregateStage:
     def __init__(self, campaigns: faust.Table) -> None:
         self.campaigns = campaigns
+        self._table = BulkTable(campaigns)
         self._views: dict[bytes, tuple[bytes, CampaignView]] = {}
 
     async def process(self, events: list[faust.types.EventT]) -> None:
-        for group in group_by_partition(events).values():
-            with on_partition_of(group[0]):
-                stored: dict[bytes, dict[int, Partial]] = {}
-                dirty: set[bytes] = set()
-                for event in group:
-                    key = event.message.key
-                    partition, partial = codec.decode_snapshot(event.value)
-                    current = stored.get(key)
-                    if current is None:
-                        current = stored[key] = codec.decode_campaign(self.campaigns.get(key))
-                    if merge_snapshot(current, partition, partial):
-                        dirty.add(key)
-                for key in dirty:
-                    self.campaigns[key] = codec.encode_campaign(stored[key])
+        """Merge a batch of snapshots: per partition, every campaign touched is read once and
+        written once (one multi-get, one write batch, its changelog as whole record batches),
+        and the batch returns once that changelog is acknowledged."""
+        acks: list = []
+        for partition, group in group_by_partition(events).items():
+            snapshots: dict[bytes, list[tuple[int, Partial]]] = {}
+            for event in group:
+                snapshots.setdefault(event.message.key, []).append(codec.decode_snapshot(event.value))
+            keys = list(snapshots)
+            changed: dict[bytes, bytes] = {}
+            for key, raw in zip(keys, self._table.get_many(partition, keys, group[0]), strict=True):
+                current = codec.decode_campaign(raw)
+                dirty = False
+                for source, partial in snapshots[key]:
+                    dirty = merge_snapshot(current, source, partial) or dirty
+                if dirty:
+                    changed[key] = codec.encode_campaign(current)
+            acks += await self._table.put_many(partition, changed, group[0])
+        for ack in acks:
+            await ack
 
     def views(self) -> list[CampaignView]:
         """Every campaign on the partitions this worker owns, combined across partitions."""

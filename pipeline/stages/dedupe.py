@@ -37,7 +37,7 @@ from pipeline.kafka.topics import TOPIC_CODES, is_validated
 from pipeline.rules.dedupe import STAMP_SHIFT, STAMP_SPAN, Rules, apply, stamp_of
 from pipeline.settings import Settings
 from pipeline.state import codec
-from pipeline.state.bulk_table import BulkTable, group_by_partition
+from pipeline.state.bulk_table import BulkTable, group_by_partition, send_keyed
 from pipeline.state.codec import Partial, SubscriberRecord, campaign_key, record_key
 
 log = logging.getLogger(__name__)
@@ -230,12 +230,11 @@ class DedupeStage:
                     del self._inflight[pkey]  # stored now; a later chunk's newer one stays
         for fut in pending:
             await fut
-        snapshots = []
-        for partition, _first, partials in stored:
-            for pkey, (_, raw) in partials.items():
-                snapshots.append(
-                    await self.send_raw_snapshot(partition, codec.parse_partial_key(pkey)[1], raw)
-                )
+        snapshots = await self.send_snapshots(
+            (partition, codec.parse_partial_key(pkey)[1], raw)
+            for partition, _first, partials in stored
+            for pkey, (_, raw) in partials.items()
+        )
         if rejected:
             await self.dead_letters(rejected)
         for fut in snapshots:
@@ -381,20 +380,22 @@ class DedupeStage:
             partials[ckey] = codec.decode_partial(raw) if raw else Partial()
         return partials
 
-    async def send_raw_snapshot(self, partition: int, ckey: bytes, encoded_partial: bytes) -> asyncio.Future:
-        return await self.partials_topic.send(
-            key=ckey, value=codec.encode_snapshot(partition, encoded_partial)
+    async def send_snapshots(self, snapshots: Iterable[tuple[int, bytes, bytes]]) -> list[asyncio.Future]:
+        """(partition, campaign key, encoded partial) as snapshots keyed by campaign, in order,
+        sent as whole record batches (:func:`~pipeline.state.bulk_table.send_keyed`); futures
+        that resolve once they are acknowledged."""
+        return await send_keyed(
+            self.partials_topic.app,
+            self.partials_topic.get_topic_name(),
+            ((ckey, codec.encode_snapshot(partition, raw)) for partition, ckey, raw in snapshots),
         )
 
     async def resend_all(self) -> int:
         """Send every partial this worker owns again: heals a snapshot lost in a crash."""
-        sent = []
-        for key, value in list(self.partials.items()):
-            partition, ckey = codec.parse_partial_key(key)
-            sent.append(await self.send_raw_snapshot(partition, ckey, value))
-        for fut in sent:
+        snapshots = [(*codec.parse_partial_key(key), value) for key, value in list(self.partials.items())]
+        for fut in await self.send_snapshots(snapshots):
             await fut
-        return len(sent)
+        return len(snapshots)
 
 
 def _where(message: Any, partition: int) -> dict[str, Any]:

@@ -16,7 +16,7 @@ Other stores fall back to the per-key table API.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from itertools import chain
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 from faust.types import TP, EventT
 
 from pipeline.kafka.compat import app_producer, on_partition_of, partition_db
+from pipeline.kafka.topics import partition_of_key
 
 
 def group_by_partition(events: list[EventT]) -> dict[int, list[EventT]]:
@@ -144,44 +145,71 @@ class BulkTable:
         deletes: Sequence[bytes] = (),
         local: asyncio.Future | None = None,
     ) -> list:
-        app = self.table.app
         store = self.table.data
-        producer = app_producer(app)
         topic = self.table.changelog_topic.get_topic_name()
         tp = TP(topic, partition)
-        futures: list[asyncio.Future] = []
-
-        async def flush(builder: Any) -> None:
-            sent = await producer.send_batch(builder, topic, partition=partition)
-            future = sent if isinstance(sent, asyncio.Future) else sent.future
-
-            def persisted(fut: asyncio.Future) -> None:
-                if fut.cancelled() or fut.exception() is not None:
-                    return
-                # the batch's first offset: recovery may re-apply the rest, which is harmless
-                offset = fut.result().offset
-
-                def stored(write: asyncio.Future | None) -> None:
-                    if write is None or (not write.cancelled() and write.exception() is None):
-                        store.set_persisted_offset(tp, offset)
-
-                if local is None or local.done():
-                    stored(local)
-                else:
-                    local.add_done_callback(stored)
-
-            future.add_done_callback(persisted)
-            futures.append(future)
-
-        builder = producer.create_batch()
         # a deletion is a tombstone (no value), as Faust's own ``del table[key]`` sends it
         entries: Iterator[tuple[bytes, bytes | None]] = chain(((key, None) for key in deletes), items.items())
-        for key, value in entries:
-            if builder.append(key=key, value=value, timestamp=None) is None:
-                await flush(builder)
-                builder = producer.create_batch()
-                if builder.append(key=key, value=value, timestamp=None) is None:
-                    raise ValueError(f"changelog entry of {len(value or b'')} bytes does not fit a batch")
-        if builder.record_count():
-            await flush(builder)
+        futures = await send_records(app_producer(self.table.app), topic, partition, entries)
+
+        def persisted(fut: asyncio.Future) -> None:
+            if fut.cancelled() or fut.exception() is not None:
+                return
+            # the batch's first offset: recovery may re-apply the rest, which is harmless
+            offset = fut.result().offset
+
+            def stored(write: asyncio.Future | None) -> None:
+                if write is None or (not write.cancelled() and write.exception() is None):
+                    store.set_persisted_offset(tp, offset)
+
+            if local is None or local.done():
+                stored(local)
+            else:
+                local.add_done_callback(stored)
+
+        for future in futures:
+            future.add_done_callback(persisted)
         return futures
+
+
+async def send_records(
+    producer: Any, topic: str, partition: int, entries: Iterable[tuple[bytes, bytes | None]]
+) -> list[asyncio.Future]:
+    """Records to one topic partition, in order, as whole record batches (aiokafka's public
+    ``create_batch``/``send_batch``); one future per batch, resolved with its metadata (its
+    first offset) once the broker acknowledged it."""
+    futures: list[asyncio.Future] = []
+
+    async def flush(builder: Any) -> None:
+        sent = await producer.send_batch(builder, topic, partition=partition)
+        futures.append(sent if isinstance(sent, asyncio.Future) else sent.future)
+
+    builder = producer.create_batch()
+    for key, value in entries:
+        if builder.append(key=key, value=value, timestamp=None) is None:
+            await flush(builder)
+            builder = producer.create_batch()
+            if builder.append(key=key, value=value, timestamp=None) is None:
+                raise ValueError(f"record of {len(value or b'')} bytes does not fit a batch")
+    if builder.record_count():
+        await flush(builder)
+    return futures
+
+
+async def send_keyed(app: Any, topic: str, records: Iterable[tuple[bytes, bytes]]) -> list[asyncio.Future]:
+    """Keyed records to ``topic``, each on the partition a keyed ``topic.send`` puts it on
+    (Kafka's default partitioner over the topic's partitions), in order within a partition.
+
+    The same messages as one ``send`` each, for a fraction of the cost: Faust's per-message
+    path costs about a third of a millisecond, and the dedupe stage sends a snapshot for every
+    campaign and partition a batch touched, hundreds per batch under a steady load.
+    """
+    producer = app_producer(app)
+    count = len(await producer.partitions_for(topic))
+    groups: dict[int, list[tuple[bytes, bytes]]] = {}
+    for key, value in records:
+        groups.setdefault(partition_of_key(key, count), []).append((key, value))
+    futures: list[asyncio.Future] = []
+    for partition, entries in groups.items():
+        futures += await send_records(producer, topic, partition, entries)
+    return futures
