@@ -33,11 +33,11 @@ import orjson
 
 from pipeline import failpoints
 from pipeline.events import EventError, validate_event
-from pipeline.kafka.topics import TOPIC_CODES, is_validated
+from pipeline.kafka.topics import TOPIC_CODES, is_validated, partition_of_key
 from pipeline.rules.dedupe import STAMP_SHIFT, STAMP_SPAN, Rules, apply, stamp_of
 from pipeline.settings import Settings
 from pipeline.state import codec
-from pipeline.state.bulk_table import BulkTable, group_by_partition, send_keyed
+from pipeline.state.bulk_table import BulkTable, group_by_partition, partition_count, send_values
 from pipeline.state.codec import Partial, SubscriberRecord, campaign_key, record_key
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 # about 90,000 events of 180 bytes: bounds the memory a batch holds (about 150 MiB) while
 # spreading each chunk's fixed work (partials, snapshots, acknowledgements) over many events
 CHUNK_BYTES = 16 * 1024 * 1024
+SNAPSHOT_MESSAGE_BYTES = 256 * 1024  # a message of the partials topic ends once its snapshots reach this
 _loads = orjson.loads
 
 
@@ -381,14 +382,31 @@ class DedupeStage:
         return partials
 
     async def send_snapshots(self, snapshots: Iterable[tuple[int, bytes, bytes]]) -> list[asyncio.Future]:
-        """(partition, campaign key, encoded partial) as snapshots keyed by campaign, in order,
-        sent as whole record batches (:func:`~pipeline.state.bulk_table.send_keyed`); futures
-        that resolve once they are acknowledged."""
-        return await send_keyed(
-            self.partials_topic.app,
-            self.partials_topic.get_topic_name(),
-            ((ckey, codec.encode_snapshot(partition, raw)) for partition, ckey, raw in snapshots),
-        )
+        """(partition, campaign key, encoded partial) as snapshots to the aggregate stage;
+        futures that resolve once they are acknowledged.
+
+        A message carries the snapshots of many campaigns (those whose key puts them on the
+        message's partition, as a keyed send would, so each campaign stays on its partition):
+        a batch touches hundreds of (campaign, partition) pairs, and a message each cost
+        Faust's per-message path twice, sending and again receiving.
+        """
+        topic = self.partials_topic.get_topic_name()
+        count = await partition_count(self.partials_topic.app, topic)
+        by_partition: dict[int, list[tuple[bytes, int, bytes]]] = {}
+        for partition, ckey, raw in snapshots:
+            by_partition.setdefault(partition_of_key(ckey, count), []).append((ckey, partition, raw))
+        futures: list[asyncio.Future] = []
+        for target, entries in by_partition.items():
+            messages, size, start = [], 0, 0
+            for n, (_, _, raw) in enumerate(entries):
+                size += len(raw)
+                if size >= SNAPSHOT_MESSAGE_BYTES:
+                    messages.append(codec.encode_snapshots(entries[start : n + 1]))
+                    size, start = 0, n + 1
+            if start < len(entries):
+                messages.append(codec.encode_snapshots(entries[start:]))
+            futures += await send_values(self.partials_topic.app, topic, target, messages)
+        return futures
 
     async def resend_all(self) -> int:
         """Send every partial this worker owns again: heals a snapshot lost in a crash."""

@@ -24,7 +24,6 @@ from typing import Any
 from faust.types import TP, EventT
 
 from pipeline.kafka.compat import app_producer, on_partition_of, partition_db
-from pipeline.kafka.topics import partition_of_key
 
 
 def group_by_partition(events: list[EventT]) -> dict[int, list[EventT]]:
@@ -173,7 +172,7 @@ class BulkTable:
 
 
 async def send_records(
-    producer: Any, topic: str, partition: int, entries: Iterable[tuple[bytes, bytes | None]]
+    producer: Any, topic: str, partition: int, entries: Iterable[tuple[bytes | None, bytes | None]]
 ) -> list[asyncio.Future]:
     """Records to one topic partition, in order, as whole record batches (aiokafka's public
     ``create_batch``/``send_batch``); one future per batch, resolved with its metadata (its
@@ -196,20 +195,12 @@ async def send_records(
     return futures
 
 
-async def send_keyed(app: Any, topic: str, records: Iterable[tuple[bytes, bytes]]) -> list[asyncio.Future]:
-    """Keyed records to ``topic``, each on the partition a keyed ``topic.send`` puts it on
-    (Kafka's default partitioner over the topic's partitions), in order within a partition.
+async def partition_count(app: Any, topic: str) -> int:
+    """How many partitions ``topic`` has, as the app's producer knows it."""
+    return len(await app_producer(app).partitions_for(topic))
 
-    The same messages as one ``send`` each, for a fraction of the cost: Faust's per-message
-    path costs about a third of a millisecond, and the dedupe stage sends a snapshot for every
-    campaign and partition a batch touched, hundreds per batch under a steady load.
-    """
-    producer = app_producer(app)
-    count = len(await producer.partitions_for(topic))
-    groups: dict[int, list[tuple[bytes, bytes]]] = {}
-    for key, value in records:
-        groups.setdefault(partition_of_key(key, count), []).append((key, value))
-    futures: list[asyncio.Future] = []
-    for partition, entries in groups.items():
-        futures += await send_records(producer, topic, partition, entries)
-    return futures
+
+async def send_values(app: Any, topic: str, partition: int, values: Iterable[bytes]) -> list[asyncio.Future]:
+    """Messages without key to one partition, in order, as whole record batches (see
+    :func:`send_records`) through the app's own producer."""
+    return await send_records(app_producer(app), topic, partition, ((None, value) for value in values))
