@@ -248,3 +248,16 @@ def test_snapshots_go_where_a_keyed_send_puts_them() -> None:
             assert partition_of_key(key, partitions) == DefaultPartitioner()(
                 key, list(range(partitions)), []
             ), key
+
+
+def test_a_snapshot_is_kept_only_when_newer() -> None:
+    """An equal seq is the same partial (a resend or a replay): the campaign is not rewritten."""
+    from pipeline.rules.aggregate import merge_snapshot
+    from pipeline.state.codec import Partial
+
+    stored: dict[int, Partial] = {}
+    assert merge_snapshot(stored, 1, Partial(seq=5, totals={"click": 5}))
+    assert not merge_snapshot(stored, 1, Partial(seq=5, totals={"click": 5}))
+    assert not merge_snapshot(stored, 1, Partial(seq=4, totals={"click": 4}))
+    assert merge_snapshot(stored, 1, Partial(seq=6, totals={"click": 6}))
+    assert stored[1].totals == {"click": 6}
