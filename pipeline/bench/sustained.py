@@ -35,7 +35,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -324,6 +324,8 @@ class StepResult:
     passed: bool
     kind: str = "step"
     load: float = 0.0  # the machine's 1-minute load average at the step's end (others' work too)
+    # (seconds into the step when posted, latency ms) of every probe seen: where the slow ones were
+    probe_series: list[tuple[float, float]] = field(default_factory=list)
 
 
 class Load:
@@ -507,6 +509,7 @@ class Watcher:
     def reset(self) -> None:
         self.pending.clear()
         self.latencies = []
+        self.series = []
         self.lags = []
         self.probes = 0
         self.failed_probes = 0
@@ -573,6 +576,7 @@ async def run_step(
         passed=bool(latencies) and not (failed or lost or grows or behind) and p99 <= P99_LIMIT_S,
         kind=kind,
         load=os.getloadavg()[0],
+        probe_series=[(round(at - started, 2), round(latency * 1000)) for at, latency in watcher.series],
     )
     progress(
         f"sustained {label}: {step.achieved_rate:,.0f} events/s offered (target {rate:,.0f}), "
