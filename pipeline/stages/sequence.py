@@ -45,6 +45,7 @@ class Admission:
     admitted: list[Any] = field(default_factory=list)
     seeks: dict[Hashable, int] = field(default_factory=dict)
     left_out: int = 0
+    unassigned: set[Hashable] = field(default_factory=set)  # partitions with no start offset
 
 
 class Sequencer:
@@ -78,6 +79,7 @@ class Sequencer:
                 # not assigned to us (any more): applying it could only be a replay or a
                 # record its owner also applies; nothing commits it here (see cap)
                 out.left_out += 1
+                out.unassigned.add(tp)
                 continue
             if offset < want:
                 out.admitted.append(item)  # a replay: the rules add nothing twice

@@ -52,7 +52,7 @@ def test_records_of_partitions_not_assigned_are_left_out():
     seq = Sequencer()
     seq.reset({A: 0})
     out = seq.admit(batch((B, 0), (A, 0)), now=0)
-    assert out.admitted == [(A, 0)] and out.left_out == 1
+    assert out.admitted == [(A, 0)] and out.left_out == 1 and out.unassigned == {B}
     assert seq.cap({B: 1}) == {}  # and never committed from here
 
 
