@@ -131,7 +131,7 @@ class DedupeStage:
         if admission.left_out:
             events[:] = admission.admitted
         if admission.unassigned:
-            log.warning("left out records of partitions with no start offset: %s", sorted(admission.unassigned))
+            log.warning("left out records of unassigned partitions: %s", sorted(admission.unassigned))
         await self._seek_back(admission.seeks, "a later record arrived first")
         tps = {event.message.tp for event in events}
         try:
