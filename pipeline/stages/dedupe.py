@@ -114,6 +114,7 @@ class DedupeStage:
         # every raw partition's records applied in offset order, none left out
         self.sequencer = Sequencer()
         self.seek: Callable[[Any, int], Awaitable[bool]] | None = None  # set by the topology
+        self._unassigned_logged: set[Hashable] = set()
 
     async def process_in_order(self, events: list[faust.types.EventT]) -> int:
         """:meth:`process_batch` for the records that come in offset order (:mod:`.sequence`).
@@ -130,8 +131,11 @@ class DedupeStage:
         )
         if admission.left_out:
             events[:] = admission.admitted
-        if admission.unassigned:
-            log.warning("left out records of unassigned partitions: %s", sorted(admission.unassigned))
+        if admission.unassigned and admission.unassigned != self._unassigned_logged:
+            # normal until the first assignment has sought its partitions (once per change)
+            self._unassigned_logged = admission.unassigned
+            names = ", ".join(f"{tp[0]}[{tp[1]}]" for tp in sorted(admission.unassigned))
+            log.info("records left out until their partition's start offset is known: %s", names)
         await self._seek_back(admission.seeks, "a later record arrived first")
         tps = {event.message.tp for event in events}
         try:
