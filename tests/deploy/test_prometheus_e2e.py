@@ -4,40 +4,16 @@ Every dashboard panel's query then runs against that Prometheus and returns data
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 from conftest import WorkerProcess
-from deploy_helpers import DEPLOY, dashboard_queries, require_tool, substitute, variable_queries
+from deploy_helpers import dashboard_queries, query, start_prometheus, substitute, variable_queries
 
 from pipeline.kafka.tansu import free_port
-
-
-def start_prometheus(tmp_path: Path, targets: list[str]) -> tuple[subprocess.Popen, str]:
-    binary = require_tool("prometheus")
-    config_dir = tmp_path / "prometheus"
-    shutil.copytree(DEPLOY / "prometheus", config_dir)
-    # the production rules and scrape settings, pointed at this test's worker
-    (config_dir / "targets" / "workers.json").write_text(json.dumps([{"targets": targets, "labels": {}}]))
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={config_dir / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=open(tmp_path / "prometheus.log", "wb"),
-        stderr=subprocess.STDOUT,
-    )
-    return process, f"http://127.0.0.1:{port}"
-
 
 # Besides the simulated traffic, the error paths the health dashboard shows: canonical events
 # that fail validation (rejected and dead-lettered) and webhooks without a valid signature.
@@ -53,12 +29,6 @@ def send_bad_traffic(worker: WorkerProcess) -> None:
     for _ in range(UNSIGNED_WEBHOOKS):
         resp = httpx.post(f"{worker.url}/webhooks/mailgun", json={"event-data": {}}, timeout=30)
         assert resp.status_code in (401, 403), resp.text
-
-
-def query(prom_url: str, expr: str) -> list[dict]:
-    resp = httpx.get(f"{prom_url}/api/v1/query", params={"query": expr}, timeout=10).json()
-    assert resp["status"] == "success", (expr, resp)
-    return resp["data"]["result"]
 
 
 def test_ctr_drop_alert_fires_through_real_prometheus(broker, workers, tmp_path):
