@@ -366,7 +366,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # Rates inside the default benchmark ranges (pipeline/diagnosis/benchmarks.py, e-mail "all":
 # human open rate 18.1-24.5 %, CTOR 10-14 %; search ads CTR 3.2-6.4 %), so the diagnosis of a
 # drop scenario names the lever that moved: human open rate 24 %, human CTOR about 12 %
-# (scanner clicks count as clickers, never as openers), e-mail CTR about 2.9 %, ads CTR about 4.3 %.
+# (scanner clicks count as clickers, never as openers), e-mail CTR about 2.9 %, ads CTR about 4.4 %.
 HEALTHY = Funnel(human_open=0.24, click_if_opened=0.11, click_without_open=0.001, bot=0.001, ads_click=0.05)
 
 
