@@ -355,7 +355,7 @@ def test_counts_exact_through_the_faults(stack: Stack) -> None:
         docs: dict[str, Any] = {}
         for traffic in stack.traffics.values():
             try:
-                docs.update(wait_for_counts(stack.urls, traffic, timeout=120))
+                docs.update(wait_for_counts(stack.urls, traffic, timeout=60))
             except AssertionError as exc:
                 lag = {url: consumer_lag(url) for url in stack.urls}
                 message = f"{exc}\nconsumer lag left: {lag}\nfaults: {stack.log}"
