@@ -339,8 +339,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--start",
         type=float,
         default=None,
-        help="event time of the first story, epoch seconds (default: the run ends 15 minutes ago, "
-        "starting on a 5-minute boundary). Give a second run a start after the first run's end: "
+        help="event time of the first story, epoch seconds (default: on a 5-minute boundary, so "
+        "that the run ends 15 to 20 minutes ago). Give a second run a start after the first run's end: "
         "lateness is judged per partition, so events older than what a partition already saw "
         "count as late",
     )
