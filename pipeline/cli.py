@@ -1,4 +1,4 @@
-"""``pipeline`` command line (contract section 6)."""
+"""``pipeline`` command line (its commands: *Commands* in ``pipeline/README.md``)."""
 
 from __future__ import annotations
 

@@ -4,6 +4,10 @@
 137 when the code reaches that point: no shutdown hook runs, nothing buffered is flushed.
 A SIGKILL from outside lands at a random moment; a crash-consistency test needs the exact
 moment that leaves one write done and the next one not. Unset, a point costs a dict lookup.
+
+A few points do something else than exit when reached (:func:`hit` tells the caller):
+``stream.drop_raw_record:n`` drops the n-th raw record before the dedupe stage and
+acknowledges it, as Faust does with a record of a stale consumer generation.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import os
 import sys
 
 AFTER_RECORDS = "dedupe.after_records"  # records stored and acknowledged, partials not yet
-POINTS = (AFTER_RECORDS,)
+DROP_RAW_RECORD = "stream.drop_raw_record"  # the n-th raw record skipped and acknowledged
+POINTS = (AFTER_RECORDS, DROP_RAW_RECORD)
 
 
 def _armed(spec: str) -> dict[str, int]:
@@ -25,6 +30,19 @@ def _armed(spec: str) -> dict[str, int]:
 
 
 _remaining = _armed(os.environ.get("PIPELINE_FAILPOINT", ""))
+
+
+def hit(name: str) -> bool:
+    """True once, the n-th time the point is passed; then never again."""
+    left = _remaining.get(name)
+    if left is None:
+        return False
+    if left > 1:
+        _remaining[name] = left - 1
+        return False
+    del _remaining[name]
+    print(f"failpoint {name} hit", file=sys.stderr, flush=True)
+    return True
 
 
 def reach(name: str) -> None:

@@ -8,6 +8,7 @@ is a single Apache Kafka node of the default version (:data:`pipeline.kafka.loca
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,6 +76,49 @@ def broker(
             yield cluster
 
 
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[KafkaCluster]:
+    """A 3-node Apache Kafka cluster (replication factor 3, min.insync.replicas=2)."""
+    with KafkaCluster(tmp_path / "kafka", brokers=3) as running:
+        yield running
+
+
+@pytest.fixture
+def cluster_workers(cluster: KafkaCluster) -> Iterator[list[WorkerProcess]]:
+    """Workers to start against the cluster; stopped before it."""
+    started: list[WorkerProcess] = []
+    yield started
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(the wheel built from the checkout, the fresh virtual environment it is installed in),
+    once per session: what users install, with its pinned dependencies from pip's cache."""
+    work = tmp_path_factory.mktemp("package")
+    # from a copy without build/: setuptools builds in place and would reuse files a previous
+    # build left there, so a file missing from the package could still reach the wheel
+    source = work / "source"
+    skipped = (".git", ".venv", "build", "*.egg-info", "data", "__pycache__", ".*cache", "node_modules")
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(*skipped))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q", "-w", str(work / "dist")],
+        check=True,
+        cwd=work,
+    )
+    (wheel,) = (work / "dist").glob("funnel_pipeline-*.whl")
+    venv = work / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, cwd=work)
+    return wheel, venv
+
+
+# What a process started from the installed wheel must not inherit from the test's environment:
+# the checkout on its path, this virtual environment.
+CHECKOUT_VARIABLES = ("PYTHONPATH", "VIRTUAL_ENV")
+
+
 @dataclass
 class WorkerProcess:
     broker: str
@@ -84,6 +128,7 @@ class WorkerProcess:
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     code_dir: Path = ROOT  # where `python -m pipeline` finds the package (another version's, too)
+    program: tuple[str, ...] = ()  # how to run `pipeline` (default: this interpreter, -m pipeline)
     admin_port: int | None = None  # set: /health, /metrics and /campaigns answer there only
     command: tuple[str, ...] = ("worker",)
     unset: tuple[str, ...] = ()  # variables of the default environment to leave out
@@ -113,7 +158,7 @@ class WorkerProcess:
         for name in self.unset:
             env.pop(name, None)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", *self.command, "--loglevel", "warning"],
+            [*(self.program or (sys.executable, "-m", "pipeline")), *self.command, "--loglevel", "warning"],
             stdout=open(self.log_path, "ab"),
             stderr=subprocess.STDOUT,
             env=env,

@@ -177,29 +177,48 @@ def count_stored_copies(bootstrap: str, traffic: Traffic) -> int:
     assert not missing, f"{len(missing)} acknowledged events not in the raw topics, e.g. {list(missing)[:3]}"
     extra = 0
     for (channel, campaign, event_id), n in stored.items():
+        if (channel, campaign) not in traffic.campaigns:
+            continue  # another run's, on the same broker
         copies = n - sent[(channel, campaign, event_id)]
         traffic.truth.duplicates[(channel, campaign)] += copies
         extra += copies
     return extra
 
 
+COUNTED_EVENTS = ("impression", "click", "send", "delivery", "bounce", "open", "conversion")
+
+
 def report(
     name: str, traffic: Traffic, acknowledged: int, docs: dict, stored_twice: int | None = None
 ) -> None:
     """Print a fault's figures, and append them to $PIPELINE_FAULT_REPORT when set."""
-    lost = doubled = counted = 0
-    for channel, campaign in traffic.campaigns:
-        want = traffic.truth.expected(channel, campaign)["counts"]
-        got = nonzero(docs[f"{channel}/{campaign}"]["counts"])
-        counted += sum(
-            got.get(k, 0) for k in ("impression", "click", "send", "delivery", "bounce", "open", "conversion")
+    compared = [
+        (
+            traffic.truth.expected(channel, campaign)["counts"],
+            nonzero(docs[f"{channel}/{campaign}"]["counts"]),
         )
+        for channel, campaign in traffic.campaigns
+    ]
+    report_counts(name, len(traffic.events), acknowledged, compared, stored_twice)
+
+
+def report_counts(
+    name: str,
+    sent: int,
+    acknowledged: int,
+    compared: list[tuple[dict[str, int], dict[str, int]]],
+    stored_twice: int | None = None,
+) -> None:
+    """The figures of :func:`report` from (expected counts, counted) pairs, one per campaign."""
+    lost = doubled = counted = 0
+    for want, got in compared:
+        counted += sum(got.get(k, 0) for k in COUNTED_EVENTS)
         for key in set(want) | set(got):
             lost += max(0, want.get(key, 0) - got.get(key, 0))
             doubled += max(0, got.get(key, 0) - want.get(key, 0))
     figures = {
         "fault": name,
-        "sent": len(traffic.events),
+        "sent": sent,
         "acknowledged": acknowledged,
         "distinct_events_counted": counted,
         "lost": lost,

@@ -1,4 +1,4 @@
-"""HTTP endpoints of a worker (contract section 5), on aiohttp.
+"""HTTP endpoints of a worker (*HTTP endpoints* in ``pipeline/README.md``), on aiohttp.
 
 One listener serves everything, unless an admin port is configured: then the public listener
 serves only ``POST /events``, ``POST /webhooks/*`` and ``GET /livez``, and ``/health``,

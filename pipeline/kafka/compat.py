@@ -15,10 +15,11 @@ Written against the pinned faust-streaming 0.15.3 and aiokafka 0.14.0.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -56,9 +57,9 @@ def check() -> None:
         (rocksdb.Store, "_db_for_partition"),
         (rocksdb.Store, "set_persisted_offset"),
         (faust.App, "_leader_assignor"),
-        (faust.transport.consumer.Consumer, "getmany"),
-        (faust.transport.consumer.Consumer, "_is_changelog_tp"),
+        (faust.transport.consumer.Consumer, "_commit_offsets"),
         (faust.transport.consumer.Consumer, "seek"),
+        (faust.transport.consumer.Consumer, "highwater"),
     ):
         if not hasattr(owner, name):
             problems.append(f"{owner.__module__}.{owner.__qualname__}.{name} is gone")
@@ -90,7 +91,7 @@ def install() -> None:
     _shorten_fetch_wait()
     faust_aiokafka.AIOKafkaConsumerThread.seek_to_committed = _seek_to_committed  # type: ignore[method-assign]
     consumer = faust.transport.consumer.Consumer
-    consumer.getmany = guarded_getmany(consumer.getmany)  # type: ignore[method-assign]
+    consumer._commit_offsets = _capped_commit_offsets(consumer._commit_offsets)  # type: ignore[method-assign]
     _read_true_highwaters()
     _installed = True
 
@@ -127,86 +128,92 @@ async def seek_to_committed(consumer: AIOKafkaConsumer) -> dict[TopicPartition, 
     committed, from the beginning: at worst a replay, which the dedupe stage recomputes
     exactly) and skips one that moved away (its new owner starts from the committed offset).
     """
+    committed_offsets, _ = await _seek_and_start_offsets(consumer)
+    return committed_offsets
+
+
+async def _seek_and_start_offsets(
+    consumer: AIOKafkaConsumer,
+) -> tuple[dict[TopicPartition, int | None], dict[TopicPartition, int]]:
+    """:func:`seek_to_committed`, plus where each partition now starts (the log's start
+    offset where nothing is committed)."""
     committed_offsets: dict[TopicPartition, int | None] = {}
+    starts: dict[TopicPartition, int] = {}
     for tp in sorted(consumer.assignment()):
         committed = await consumer.committed(tp)
         try:
             if committed:
                 consumer.seek(tp, committed)
+                starts[tp] = committed
             else:
                 await consumer.seek_to_beginning(tp)
+                starts[tp] = (await consumer.beginning_offsets([tp]))[tp]
         except IllegalStateError:
             continue  # no longer ours
         committed_offsets[tp] = committed
-    return committed_offsets
+    return committed_offsets, starts
 
 
 async def _seek_to_committed(self: Any) -> dict[TopicPartition, int | None]:
-    return await self.call_thread(seek_to_committed, self._ensure_consumer())
+    committed, starts = await self.call_thread(_seek_and_start_offsets, self._ensure_consumer())
+    listener = _assignment_listeners.get(self.app)
+    if listener is not None:
+        listener(starts)
+    return committed
 
 
-# --- never a record skipped inside a generation ----------------------------------------------
-# Faust also drops fetched records without seeking back: the rest of a fetch when a rebalance
-# starts in the middle of handing it out, a record whose hand-over a flow stop interrupts (its
-# read offset still moves on). When the next fetch then starts after them, Faust takes the jump
-# for a gap in the log (as compaction or transaction markers leave) and counts the missing
-# offsets as done: committed and never processed. Against Apache Kafka, where a worker killed
-# and restarted meets a rebalance when its old membership expires, this lost a whole batch of
-# acknowledged events now and then. Replaces: Faust's ``Consumer.getmany`` handing out a
-# record after a hole; the guard seeks back to the hole instead.
+# --- the dedupe stage's own account of offsets (pipeline.stages.sequence) ------------------
+# Faust can hand a stream record out of order or not at all around rebalances, and can count
+# an offset as done that never reached an agent (a stale-generation record is skipped *and
+# acknowledged*). The dedupe stage keeps its own account of what it applied; the consumer
+# tells it where each assignment starts, and commits no raw offset beyond what it made
+# durable. Replaces: Faust's commits of whatever was acknowledged.
+
+_assignment_listeners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_commit_caps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-class HoleGuard:
-    """Decides, record by record, whether a stream partition jumped over records.
+def on_assignment_start(app: faust.App, listener: Any) -> None:
+    """Call ``listener({tp: offset})`` each time the consumer has sought its partitions back
+    (the committed offset, or the log's start where nothing is committed)."""
+    _assignment_listeners[app] = listener
 
-    ``read`` is Faust's read offset of the partition: the last offset handed out, or after a
-    seek the offset sought to. A record beyond ``read + 1`` follows a hole, unless it is the
-    first record the broker returned after the guard sought back to exactly there.
-    """
 
-    def __init__(self) -> None:
-        self.sought: dict[Any, int] = {}  # partition -> offset the guard sought back to
+def cap_commits(app: faust.App, cap: Any) -> None:
+    """Pass every commit's offsets of ``topics`` through ``cap(offsets) -> offsets``."""
+    _commit_caps[app] = cap
 
-    def hole_at(self, tp: Any, offset: int, read: int | None) -> int | None:
-        """The offset to seek back to, or None when the record may be handed out."""
-        target = self.sought.pop(tp, None)
-        if target is not None and offset >= target:
-            return None  # the first record after our seek: what it leaves out does not exist
-        if read is not None and offset > read + 1:
-            self.sought[tp] = read + 1
-            return read + 1
+
+def _capped_commit_offsets(original: Any) -> Any:
+    @functools.wraps(original)
+    async def _commit_offsets(self: Any, offsets: Any, *args: Any, **kwargs: Any) -> bool:
+        cap = _commit_caps.get(self.app)
+        if cap is not None:
+            offsets = cap(offsets)
+            if not offsets:
+                return False
+        return await original(self, offsets, *args, **kwargs)
+
+    _commit_offsets._pipeline_patched = True  # type: ignore[attr-defined]
+    return _commit_offsets
+
+
+async def seek(app: faust.App, tp: Any, offset: int) -> bool:
+    """Seek one partition back (Faust's consumer seek, which also moves its read offset);
+    False when the partition is no longer assigned (its next owner starts from the commit)."""
+    try:
+        await app.consumer.seek(tp, offset)
+    except (IllegalStateError, AssertionError, KeyError):
+        return False
+    return True
+
+
+def end_offset(app: faust.App, tp: Any) -> int | None:
+    """The partition's end offset as the consumer last saw it (None before its first fetch)."""
+    try:
+        return app.consumer.highwater(tp)
+    except (IllegalStateError, AssertionError, KeyError):
         return None
-
-
-def guarded_getmany(original: Any) -> Any:
-    """Wrap ``Consumer.getmany`` so that records after a hole are not handed to Faust."""
-
-    async def getmany(self: Any, timeout: float) -> AsyncIterator[tuple[Any, Any]]:
-        guard: HoleGuard = self.__dict__.setdefault("_pipeline_hole_guard", HoleGuard())
-        seeking: set[Any] = set()  # partitions whose rest of this fetch is left for the re-read
-        async for tp, message in original(self, timeout):
-            if tp in seeking:
-                continue
-            if not self._is_changelog_tp(tp):  # changelogs are compacted: gaps are normal there
-                target = guard.hole_at(tp, message.offset, self._read_offset.get(tp))
-                if target is not None:
-                    seeking.add(tp)
-                    log.warning(
-                        "%s: record %d follows a hole after %d: reading again from %d",
-                        tp,
-                        message.offset,
-                        target - 1,
-                        target,
-                    )
-                    try:
-                        await self.seek(tp, target)
-                    except IllegalStateError:  # no longer ours: its new owner starts from the commit
-                        guard.sought.pop(tp, None)
-                    continue
-            yield tp, message
-
-    getmany._pipeline_patched = True  # type: ignore[attr-defined]
-    return getmany
 
 
 # --- end offsets (Tansu) -----------------------------------------------------------------------

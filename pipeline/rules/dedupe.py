@@ -120,6 +120,7 @@ def apply(
     positions[tkey] = position
     partial.seq += 1
 
+    kind = event["type"]
     entry = record.ids.get(event["event_id"])
     fresh = entry is None
     if fresh:
@@ -134,16 +135,16 @@ def apply(
         decided_now = 0  # a replay: everything was decided when first seen
     changed = decided_now != 0
 
-    if event["type"] == "conversion" and event.get("order_id"):
+    if kind == "conversion" and event.get("order_id"):
         first = record.orders.setdefault(event["order_id"], stamp)
         changed = changed or first is stamp
         if first != stamp:
             partial.duplicates += 1  # the same order again, under a new event id
             return changed
-    if event["type"] == "delivery" and _note_delivery(event["timestamp"], record):
+    if kind == "delivery" and _note_delivery(event["timestamp"], record):
         changed = True
-    window_counts, extra = _count_totals(event, entry[DECISION], partial, tkey, rules.sizes)
-    _count_uniques(event, extra, entry, record, partial.totals, window_counts, fresh, decided_now)
+    window_counts, extra = _count_totals(event, kind, entry[DECISION], partial, tkey, rules.sizes)
+    _count_uniques(event, kind, extra, entry, record, partial.totals, window_counts, fresh, decided_now)
     return changed
 
 
@@ -216,12 +217,11 @@ def _note_delivery(timestamp: float, record: SubscriberRecord) -> bool:
 
 
 def _count_totals(
-    event: dict[str, Any], decision: int, partial: Partial, tkey: str, sizes: tuple[int, ...]
+    event: dict[str, Any], kind: str, decision: int, partial: Partial, tkey: str, sizes: tuple[int, ...]
 ) -> tuple[list[tuple[int, str, dict[str, int]]], str | None]:
     """Count the event in the totals, its source, the watermark and every window it is not
     late for; return those windows as (size index, key, counts) and its extra count name."""
     timestamp = event["timestamp"]
-    kind = event["type"]
     sources = partial.sources
     source = event.get("source") or "canonical"
     sources[source] = sources.get(source, 0) + 1
@@ -263,6 +263,7 @@ def _count_totals(
 
 def _count_uniques(
     event: dict[str, Any],
+    kind: str,
     extra: str | None,
     entry: list[int],
     record: SubscriberRecord,
@@ -278,7 +279,7 @@ def _count_uniques(
     upgraded from stamps per flag knows only which flags hold its stamp), plus, in sizes
     added since, what it gains now.
     """
-    kind_key = (event["type"], event["channel"], extra)
+    kind_key = (kind, event["channel"], extra)
     want = _UNIQUE_BY_KIND.get(kind_key)
     if want is None:
         want = _UNIQUE_BY_KIND[kind_key] = _unique_flags(*kind_key)
@@ -289,7 +290,16 @@ def _count_uniques(
         gained = want & ~record.unique
         record.unique |= gained
     if decided_now:
-        gained |= _gain_windows(record, want, window_counts, decided_now)
+        # the flags of ``want`` the record lacks in each window (of the sizes decided now)
+        # the event is counted in; inline, as this runs for nearly every event
+        rwindows = record.windows
+        for i, key, _ in window_counts:
+            if decided_now >> i & 1:
+                have = rwindows.get(key, 0)
+                flags = want & ~have
+                if flags:
+                    rwindows[key] = have | flags
+                    gained |= flags << (i + 1) * NAME_SPAN
         entry[GAINED] = gained
     if gained:
         for uname in _UNIQUE_NAMES[gained & want]:
@@ -297,23 +307,6 @@ def _count_uniques(
         for i, _, counts in window_counts:
             for uname in _UNIQUE_NAMES[(gained >> (i + 1) * NAME_SPAN) & want]:
                 counts[uname] = counts.get(uname, 0) + 1
-
-
-def _gain_windows(
-    record: SubscriberRecord, want: int, window_counts: list[tuple[int, str, dict[str, int]]], which: int
-) -> int:
-    """Set the flags of ``want`` the record lacks in each window (of sizes in ``which``) the
-    event is counted in; return them as the window part of a gained word."""
-    gained = 0
-    rwindows = record.windows
-    for i, key, _ in window_counts:
-        if which >> i & 1:
-            have = rwindows.get(key, 0)
-            flags = want & ~have
-            if flags:
-                rwindows[key] = have | flags
-                gained |= flags << (i + 1) * NAME_SPAN
-    return gained
 
 
 # flag word (of one count set) -> the "unique_*" counts it bumps

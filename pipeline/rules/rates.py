@@ -1,4 +1,4 @@
-"""Rate definitions of the contract (section 2), as pure functions of counts.
+"""Rate definitions (*What it computes* in ``pipeline/README.md``), as pure functions of counts.
 
 A rate whose denominator is zero has no sample: it is ``None`` here and absent from
 ``/metrics``, never NaN or Inf. Each e-mail rate names its own numerator and denominator, so a

@@ -14,7 +14,7 @@ import asyncio
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -31,8 +31,29 @@ class Traffic:
     campaigns: list[tuple[str, str]]
 
 
+@dataclass(frozen=True)
+class Funnel:
+    """The chances in one recipient's or viewer's story."""
+
+    bounce: float = 0.05
+    machine_open: float = 0.35  # Apple MPP pre-fetches the images: an open without a reader
+    human_open: float = 0.45
+    click_if_opened: float = 0.5
+    # a click the provider saw no open for (images blocked), drawn for every recipient not
+    # already clicking: proof of an open all the same
+    click_without_open: float = 0.0625
+    bot: float = 0.05  # a link scanner follows every link within a second of delivery
+    ads_click: float = 0.05
+
+
+# The generator's default story, and what ``drop_after`` switches it to when no other is given:
+# clicks collapse for openers and non-openers alike, so CTR and CTOR both drop.
+DEFAULT_FUNNEL = Funnel()
+CLICKS_COLLAPSE = Funnel(click_if_opened=0.1, click_without_open=0.0125, ads_click=0.01)
+
+
 def _email_story(
-    rng: random.Random, campaign: str, subscriber: str, t: float, n: int, drop: bool = False
+    rng: random.Random, campaign: str, subscriber: str, t: float, n: int, funnel: Funnel = DEFAULT_FUNNEL
 ) -> list[dict[str, Any]]:
     ids = iter(range(100))
 
@@ -49,17 +70,16 @@ def _email_story(
         }
 
     story = [ev("send", t)]
-    if rng.random() < 0.05:
+    if rng.random() < funnel.bounce:
         return [*story, ev("bounce", t + 2)]
     story.append(ev("delivery", t + 3))
-    click_p = 0.05 if drop else 0.25
-    if rng.random() < 0.35:  # Apple MPP pre-fetches the images: a machine open, no reader
+    if rng.random() < funnel.machine_open:
         story.append(ev("open", t + 5, machine=True))
-    opened = rng.random() < 0.45
+    opened = rng.random() < funnel.human_open
     if opened:
         for k in range(rng.choice((1, 1, 2, 3))):
             story.append(ev("open", t + 60 + 40 * k))
-    if (opened and rng.random() < click_p * 2) or rng.random() < click_p / 4:  # some click without an open
+    if (opened and rng.random() < funnel.click_if_opened) or rng.random() < funnel.click_without_open:
         for k in range(rng.choice((1, 1, 2))):
             story.append(ev("click", t + 90 + 30 * k, url=f"https://shop.example/p{k}"))
         if rng.random() < 0.3:
@@ -67,13 +87,13 @@ def _email_story(
             story.append(ev("conversion", t + 200, order_id=order, value=42.5, currency="EUR"))
             if rng.random() < 0.3:  # the shop reports the same order again under a new id
                 story.append(ev("conversion", t + 230, order_id=order, value=42.5, currency="EUR"))
-    if rng.random() < 0.05:  # a link scanner follows every link within a second of delivery
+    if rng.random() < funnel.bot:
         story.append(ev("click", t + 4, bot=True, url="https://shop.example/p0"))
     return story
 
 
 def _ads_story(
-    rng: random.Random, campaign: str, viewer: str, t: float, n: int, drop: bool = False
+    rng: random.Random, campaign: str, viewer: str, t: float, n: int, funnel: Funnel = DEFAULT_FUNNEL
 ) -> list[dict[str, Any]]:
     ids = iter(range(100))
 
@@ -92,7 +112,7 @@ def _ads_story(
         return doc
 
     story = [ev("impression", t + k * 20) for k in range(rng.choice((1, 1, 2, 3)))]
-    if rng.random() < (0.01 if drop else 0.05):
+    if rng.random() < funnel.ads_click:
         story.append(ev("click", t + 70, url="https://shop.example/landing"))
         if rng.random() < 0.5:
             story.append(ev("click", t + 80, url="https://shop.example/landing"))
@@ -115,8 +135,11 @@ def generate(
     late_fraction: float = 0.02,
     drop_after: float | None = None,
     campaign_tag: int | None = None,
+    funnel: Funnel = DEFAULT_FUNNEL,
+    dropped: Funnel = CLICKS_COLLAPSE,
 ) -> Traffic:
-    """Build a traffic run; ``drop_after`` (fraction of span) makes CTR collapse from then on."""
+    """Build a traffic run: stories told with ``funnel``, and from ``drop_after`` (a fraction of
+    the span) on with ``dropped``."""
     rng = random.Random(seed)
     start = start if start is not None else time.time() - span - 900
     truth = Truth(windows)
@@ -130,7 +153,8 @@ def generate(
         who = f"sub-{seed}-{n}"
         t = start + span * n / subscribers
         drop = drop_after is not None and n / subscribers >= drop_after
-        story = (_email_story if channel == "email" else _ads_story)(rng, campaign, who, t, n, drop)
+        teller = _email_story if channel == "email" else _ads_story
+        story = teller(rng, campaign, who, t, n, dropped if drop else funnel)
         stories.extend(story)
         last_seen[(channel, campaign, who)] = max(e["timestamp"] for e in story)
     # deliver in event-time order with jitter: out of order by up to two minutes, never late
@@ -297,8 +321,29 @@ def default_token() -> str | None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8080", help="the worker's base URL")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--subscribers", type=int, default=600)
-    p.add_argument("--scenario", choices=("basic", "ctr-drop"), default="basic")
+    p.add_argument(
+        "--subscribers",
+        type=int,
+        default=None,
+        help="recipients and viewers (default: the scenario's, "
+        + ", ".join(f"{name} {chosen.subscribers:,}" for name, chosen in SCENARIOS.items())
+        + ")",
+    )
+    p.add_argument(
+        "--scenario",
+        choices=tuple(SCENARIOS),
+        default="basic",
+        help="; ".join(f"{name}: {chosen.summary}" for name, chosen in SCENARIOS.items()),
+    )
+    p.add_argument(
+        "--start",
+        type=float,
+        default=None,
+        help="event time of the first story, epoch seconds (default: on a 5-minute boundary, so "
+        "that the run ends 15 to 20 minutes ago). Give a second run a start after the first run's end: "
+        "lateness is judged per partition, so events older than what a partition already saw "
+        "count as late",
+    )
     p.add_argument("--batch", type=int, default=500)
     p.add_argument(
         "--token",
@@ -318,27 +363,87 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def scenario(name: str, seed: int = 1, subscribers: int = 600) -> Traffic:
-    """``basic``: two newsletters and a display campaign. ``ctr-drop``: one newsletter and one
-    display campaign whose click-through collapses for the last 30 % of the run (event time),
-    with enough volume per 5-minute window for the drop alerts' statistics."""
-    if name == "ctr-drop":
-        return generate(
-            seed=seed,
-            subscribers=subscribers,
-            email_campaigns=1,
-            ads_campaigns=1,
-            drop_after=0.7,
-            late_fraction=0.0,
-        )
-    return generate(seed=seed, subscribers=subscribers)
+# Rates inside the default benchmark ranges (pipeline/diagnosis/benchmarks.py, e-mail "all":
+# human open rate 18.1-24.5 %, CTOR 10-14 %; search ads CTR 3.2-6.4 %), so the diagnosis of a
+# drop scenario names the lever that moved: human open rate 24 %, human CTOR about 12 %
+# (scanner clicks count as clickers, never as openers), e-mail CTR about 2.9 %, ads CTR about 4.4 %.
+HEALTHY = Funnel(human_open=0.24, click_if_opened=0.11, click_without_open=0.001, bot=0.001, ads_click=0.05)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A ``pipeline simulate --scenario``: campaigns, their stories before and after the drop."""
+
+    summary: str
+    subscribers: int  # the default: enough volume per 5-minute window for the drop alerts
+    email_campaigns: int = 2
+    ads_campaigns: int = 1
+    funnel: Funnel = DEFAULT_FUNNEL
+    dropped: Funnel = CLICKS_COLLAPSE
+    drop_after: float | None = None
+    span: float = 100 * 60
+    late_fraction: float = 0.02
+
+
+SCENARIOS = {
+    "basic": Scenario(
+        "two newsletters and a display campaign; every story the pipeline must count right "
+        "(redeliveries, machine opens, scanner clicks, clicks without opens, late events, repeated orders)",
+        subscribers=600,
+    ),
+    "ctr-drop": Scenario(
+        "a newsletter whose opens collapse (subject line, sender or deliverability) while clicks per "
+        "open hold, and a display campaign whose clicks collapse, for the second half of the run: "
+        "FunnelCTRDrop on both, diagnosed open_rate (e-mail) and ctr (ads)",
+        subscribers=24_000,
+        email_campaigns=1,
+        funnel=HEALTHY,
+        dropped=replace(HEALTHY, human_open=0.01, ads_click=0.005),
+        drop_after=0.5,
+        span=25 * 60,
+        late_fraction=0.0,
+    ),
+    "ctor-drop": Scenario(
+        "a newsletter still opened as before whose openers stop clicking (content, call to action) "
+        "for the second half of the run: FunnelCTORDrop, diagnosed ctor",
+        subscribers=10_000,
+        email_campaigns=1,
+        ads_campaigns=0,
+        funnel=HEALTHY,
+        dropped=replace(HEALTHY, click_if_opened=0.01),
+        drop_after=0.5,
+        span=25 * 60,
+        late_fraction=0.0,
+    ),
+}
+
+
+def scenario(name: str, seed: int = 1, subscribers: int | None = None, start: float | None = None) -> Traffic:
+    """The traffic of ``SCENARIOS[name]``; ``start``: event time of the first story (default:
+    on the 5-minute boundary that makes the span end 15 to 20 minutes ago, so the alerts' 5m
+    windows fall the same way on every run)."""
+    chosen = SCENARIOS[name]
+    if start is None:
+        start = (int(time.time() - chosen.span - 900) // 300) * 300
+    return generate(
+        seed=seed,
+        subscribers=subscribers or chosen.subscribers,
+        email_campaigns=chosen.email_campaigns,
+        ads_campaigns=chosen.ads_campaigns,
+        start=start,
+        span=chosen.span,
+        late_fraction=chosen.late_fraction,
+        drop_after=chosen.drop_after,
+        funnel=chosen.funnel,
+        dropped=chosen.dropped,
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     async def run() -> int:
         if args.wait_ready:
             await wait_ready(args.url, args.wait_ready)
-        traffic = scenario(args.scenario, args.seed, args.subscribers)
+        traffic = scenario(args.scenario, args.seed, args.subscribers, args.start)
         if args.provider:
             import os
 

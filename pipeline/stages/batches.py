@@ -11,7 +11,8 @@ the batch), up to ``max`` messages or ``within`` seconds. While a batch is proce
 messages wait in the stream's queue; the next batch takes all of them at once, so batches grow
 with the backlog by themselves and shrink back when it is gone. Acknowledgements are as in
 ``take_events``: a batch's messages are acknowledged after the consumer of the batch returns
-control, so offsets never pass what was processed.
+control, so offsets never pass what was processed; a consumer that removes messages from the
+batch list it was given keeps them from being acknowledged.
 """
 
 from __future__ import annotations

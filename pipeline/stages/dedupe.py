@@ -24,7 +24,7 @@ import gc
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -33,9 +33,10 @@ import orjson
 
 from pipeline import failpoints
 from pipeline.events import EventError, validate_event
-from pipeline.kafka.topics import TOPIC_CODES, is_validated, partition_of_key
+from pipeline.kafka.topics import RAW_TOPICS, TOPIC_CODES, is_validated, partition_of_key
 from pipeline.rules.dedupe import STAMP_SHIFT, STAMP_SPAN, Rules, apply, stamp_of
 from pipeline.settings import Settings
+from pipeline.stages.sequence import Sequencer
 from pipeline.state import codec
 from pipeline.state.bulk_table import BulkTable, group_by_partition, partition_count, send_values
 from pipeline.state.codec import Partial, SubscriberRecord, campaign_key, record_key
@@ -111,6 +112,64 @@ class DedupeStage:
         self._partials = BulkTable(partials)
         # partials of chunks applied but not yet stored: partial key -> (Partial, encoded)
         self._inflight: dict[bytes, tuple[Partial, bytes]] = {}
+        # every raw partition's records applied in offset order, none left out
+        self.sequencer = Sequencer()
+        self.seek: Callable[[Any, int], Awaitable[bool]] | None = None  # set by the topology
+        self._unassigned_logged: set[Hashable] = set()
+
+    async def process_in_order(self, events: list[faust.types.EventT]) -> int:
+        """:meth:`process_batch` for the records that come in offset order (:mod:`.sequence`).
+
+        Records after a hole are removed from ``events`` (so they are not acknowledged) and
+        their partition is sought back to the missing record. Returns events applied.
+        """
+        for event in [e for e in events if failpoints.hit(failpoints.DROP_RAW_RECORD)]:
+            events.remove(event)
+            event.ack()  # as Faust does with a stale generation's record: skipped and acknowledged
+        sequencer = self.sequencer
+        admission = sequencer.admit(
+            ((event.message.tp, event.message.offset, event) for event in events), time.monotonic()
+        )
+        if admission.left_out:
+            events[:] = admission.admitted
+        if admission.unassigned and admission.unassigned != self._unassigned_logged:
+            # normal until the first assignment has sought its partitions (once per change)
+            self._unassigned_logged = admission.unassigned
+            names = ", ".join(f"{tp[0]}[{tp[1]}]" for tp in sorted(admission.unassigned))
+            log.info("records left out until their partition's start offset is known: %s", names)
+        await self._seek_back(admission.seeks, "a later record arrived first")
+        tps = {event.message.tp for event in events}
+        try:
+            applied = await self.process_batch(events)
+        except BaseException:
+            try:
+                await self._seek_back(sequencer.failed(tps), "the batch failed")
+            except Exception:  # the original error is the one to raise
+                log.exception("seeking back after a failed batch")
+            raise
+        sequencer.applied(tps)
+        return applied
+
+    async def _seek_back(self, seeks: Mapping[Hashable, int], why: str) -> None:
+        for tp, offset in seeks.items():
+            log.warning("%s[%d]: %s; reading again from offset %d", tp[0], tp[1], why, offset)
+            if self.seek is not None:
+                await self.seek(tp, offset)
+
+    async def seek_stalled(self, ends: Mapping[Hashable, int | None]) -> None:
+        """Seek back partitions whose next record never arrived although the log holds it."""
+        await self._seek_back(self.sequencer.stalled(ends, time.monotonic()), "the next record never arrived")
+
+    def reset_offsets(self, starts: Mapping[Any, int]) -> None:
+        """The consumer sought its partitions to these offsets (a new assignment)."""
+        self.sequencer.reset({tp: offset for tp, offset in starts.items() if tp[0] in RAW_TOPICS})
+
+    def cap_commit(self, offsets: Mapping[Any, int]) -> dict[Any, int]:
+        """Raw partitions are committed only up to what this stage made durable."""
+        raw = {tp: offset for tp, offset in offsets.items() if tp[0] in RAW_TOPICS}
+        capped = {tp: offset for tp, offset in offsets.items() if tp[0] not in RAW_TOPICS}
+        capped.update(self.sequencer.cap(raw))
+        return capped
 
     def chunks(self, events: list[faust.types.EventT]) -> list[list[faust.types.EventT]]:
         """Split a batch of messages into pieces of at most about ``CHUNK_BYTES``, in order.

@@ -125,6 +125,9 @@ def create_pipeline(settings: Settings) -> Pipeline:
             await fut
 
     dedupe = DedupeStage(settings, subscribers, partials, partials_topic, dead_letter)
+    dedupe.seek = lambda tp, offset: compat.seek(app, tp, offset)
+    compat.on_assignment_start(app, dedupe.reset_offsets)
+    compat.cap_commits(app, dedupe.cap_commit)
     aggregate = AggregateStage(campaigns)
     pipeline = Pipeline(settings, app, dedupe, aggregate, dead_letter_topic)
     pipeline.topics = [
@@ -139,7 +142,9 @@ def create_pipeline(settings: Settings) -> Pipeline:
     @app.agent(raw, name="dedupe")
     async def dedupe_agent(stream: faust.StreamT) -> None:
         async for events in take_ready(stream, settings.batch_max, settings.batch_within):
-            await dedupe.process_batch(events)  # in chunks: bounds the events held at once
+            # in offset order, in chunks (bounds the events held at once); what it leaves out
+            # of ``events`` is not acknowledged
+            await dedupe.process_in_order(events)
 
     @app.agent(partials_topic, name="aggregate")
     async def aggregate_agent(stream: faust.StreamT) -> None:
@@ -150,6 +155,12 @@ def create_pipeline(settings: Settings) -> Pipeline:
     async def declare_dead_letter_topic() -> None:
         # no agent consumes it, so Faust would not create it on its own
         await dead_letter_topic.maybe_declare()
+
+    @app.timer(interval=1.0)
+    async def seek_stalled_partitions() -> None:
+        if pipeline.consuming():
+            sequencer = dedupe.sequencer
+            await dedupe.seek_stalled({tp: compat.end_offset(app, tp) for tp in list(sequencer.expected)})
 
     @app.timer(interval=30.0)
     async def resend_partials() -> None:

@@ -7,8 +7,7 @@ lost / doubled (printed, and appended to $PIPELINE_FAULT_REPORT when set)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -20,21 +19,6 @@ from pipeline.kafka.topics import RAW_TOPICS
 from pipeline.simulation.traffic import generate
 
 REPLICATED = {"PIPELINE_REPLICATION": "3"}
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[KafkaCluster]:
-    with KafkaCluster(tmp_path / "kafka", brokers=3) as running:
-        yield running
-
-
-@pytest.fixture
-def cluster_workers(cluster: KafkaCluster) -> Iterator[list[WorkerProcess]]:
-    """Workers to start against the cluster; stopped before it."""
-    started: list[WorkerProcess] = []
-    yield started
-    for worker in started:
-        worker.stop()
 
 
 def broker_faults(cluster: KafkaCluster, fault: str, log: list[str]) -> list[Callable[[], None]]:

@@ -1,21 +1,20 @@
 """What users install is the built wheel, not the checkout: build it, install it into a fresh
-virtual environment (its pinned dependencies from pip's cache), and run it from outside the
-checkout, so nothing it reads at run time can come from the source tree."""
+virtual environment (its pinned dependencies from pip's cache; the `installed` fixture of
+conftest.py, shared with the stack test), and run it from outside the checkout, so nothing it
+reads at run time can come from the source tree."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
 
 import httpx
-import pytest
+from conftest import CHECKOUT_VARIABLES
 
 from pipeline.kafka.tansu import free_port
 
@@ -30,29 +29,8 @@ EVENT = {
 }
 
 
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(the wheel, the virtual environment it is installed in)."""
-    work = tmp_path_factory.mktemp("package")
-    # from a copy without build/: setuptools builds in place and would reuse files a previous
-    # build left there, so a file missing from the package could still reach the wheel
-    source = work / "source"
-    skipped = (".git", ".venv", "build", "*.egg-info", "data", "__pycache__", ".*cache")
-    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(*skipped))
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q", "-w", str(work / "dist")],
-        check=True,
-        cwd=work,
-    )
-    (wheel,) = (work / "dist").glob("funnel_pipeline-*.whl")
-    venv = work / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, cwd=work)
-    return wheel, venv
-
-
 def outside_env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = {k: v for k, v in os.environ.items() if k not in CHECKOUT_VARIABLES}
     return {**env, "PIPELINE_DATA_DIR": str(tmp / "data"), "PIPELINE_ID_SALT": "wheel-test"}
 
 

@@ -8,11 +8,11 @@ import asyncio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from pipeline.bench.common import create_topics
-from pipeline.kafka.compat import HoleGuard, seek_to_committed
+from pipeline.kafka.compat import _seek_and_start_offsets
 from pipeline.kafka.tansu import EmbeddedBroker
 
 
-async def _scenario(address: str) -> tuple[dict, dict]:
+async def _scenario(address: str) -> tuple[dict, dict, dict]:
     await create_topics(address, ["rewind"], partitions=2)
     producer = AIOKafkaProducer(bootstrap_servers=address, enable_idempotence=False)
     await producer.start()
@@ -37,34 +37,18 @@ async def _scenario(address: str) -> tuple[dict, dict]:
             for tp, records in (await consumer.getmany(timeout_ms=1000)).items():
                 read[tp] = read.get(tp, 0) + len(records)
         await consumer.commit({p0: 3})  # partition 1: nothing committed
-        committed = await seek_to_committed(consumer)
+        committed, starts = await _seek_and_start_offsets(consumer)
         positions = {tp: await consumer.position(tp) for tp in (p0, p1)}
-        return committed, positions
+        return committed, positions, starts
     finally:
         await consumer.stop()
 
 
 def test_every_partition_goes_back_even_without_a_committed_offset(broker: EmbeddedBroker) -> None:
-    committed, positions = asyncio.run(_scenario(broker.address))
+    committed, positions, starts = asyncio.run(_scenario(broker.address))
     p0, p1 = TopicPartition("rewind", 0), TopicPartition("rewind", 1)
     assert committed == {p0: 3, p1: None}
     # aiokafka's own seek_to_committed leaves partition 1 at 5: its 5 records would be lost
     assert positions == {p0: 3, p1: 0}
-
-
-def test_hole_guard_seeks_back_to_a_hole_once() -> None:
-    """A record after a hole sends the consumer back to the hole; the record the broker returns
-    first after that seek is taken, whatever it leaves out (transaction markers, say)."""
-    guard = HoleGuard()
-    tp = ("funnel.raw.click", 1)
-    assert guard.hole_at(tp, 5, None) is None  # nothing read yet: anything goes
-    assert guard.hole_at(tp, 6, 5) is None
-    assert guard.hole_at(tp, 7, 6) is None
-    assert guard.hole_at(tp, 12, 7) == 8  # 8..11 were dropped without a seek back: read them
-    assert guard.hole_at(tp, 8, 8) is None  # after the seek, Faust's read offset is 8
-    assert guard.hole_at(tp, 9, 8) is None
-    assert guard.hole_at(tp, 15, 9) == 10
-    assert guard.hole_at(tp, 12, 10) is None  # the first record after the seek: 10, 11 do not exist
-    assert guard.hole_at(tp, 13, 12) is None
-    assert guard.hole_at(("funnel.raw.click", 2), 40, 30) == 31  # partitions are apart
-    assert guard.hole_at(tp, 14, 13) is None
+    # what the dedupe stage's account of offsets starts from: the commit, else the log's start
+    assert starts == {p0: 3, p1: 0}

@@ -9,7 +9,6 @@ keeps the salt it generated across a restart, so unique counts stay exact.
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
 import ipaddress
 import os
@@ -27,8 +26,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from conftest import ROOT, WorkerProcess
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from provider_helpers import ecdsa_key, private_pem, sendgrid_public_key
 
 from pipeline.http.security import (
     MIN_SALT_LENGTH,
@@ -74,7 +73,7 @@ def run_refused(env: dict[str, str], host: str = "0.0.0.0") -> subprocess.Popen[
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = ecdsa_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = dt.datetime.now(dt.UTC)
     cert = (
@@ -92,11 +91,7 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     )
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
+    key_path.write_text(private_pem(key))
     return cert_path, key_path
 
 
@@ -316,15 +311,9 @@ def test_exposed_worker_refuses_to_start_naming_every_missing_setting(tmp_path: 
 def test_exposed_worker_with_its_secrets(broker: EmbeddedBroker, tmp_path: Path, workers) -> None:
     secrets_dir = tmp_path / "secrets"
     secrets_dir.mkdir()
-    sg_key = ec.generate_private_key(ec.SECP256R1())
-    sg_public = base64.b64encode(
-        sg_key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    ).decode()
-    sg_private = sg_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
+    sg_key = ecdsa_key()
+    sg_public = sendgrid_public_key(sg_key)
+    sg_private = private_pem(sg_key)
     mailgun_key = "mailgun-signing-key-of-the-test"
     cert, key = self_signed(tmp_path)
     env = {

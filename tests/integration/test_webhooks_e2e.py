@@ -3,8 +3,6 @@ redeliveries of the same webhook, and refused requests that must produce nothing
 
 from __future__ import annotations
 
-import base64
-import datetime as dt
 import random
 import time
 from pathlib import Path
@@ -13,50 +11,30 @@ import httpx
 import orjson
 import pytest
 from conftest import WorkerProcess
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 from helpers import nonzero, rates_equal
+from provider_helpers import SALT, ecdsa_key, private_pem, rsa_key, sendgrid_public_key, sns_certificate
 
 from pipeline.ingest.providers import ADAPTERS, WebhookRequest
 from pipeline.simulation.traffic import Truth, expected_rates
 
-SALT = b"test-salt"
 BODY_SIGNED = ("sendgrid", "mandrill", "ses")
 CERT_URL = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-test.pem"
 
 
 def provider_env(tmp_path: Path, tag: str = "") -> dict[str, str]:
-    sg_key = ec.generate_private_key(ec.SECP256R1())
-    ses_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sns.amazonaws.com")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(ses_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .sign(ses_key, hashes.SHA256())
-    )
+    """Credentials of every provider, fresh keys each call (``tag`` varies the shared secrets);
+    the SNS certificate goes where the worker reads it (``SES_SNS_CERT_DIR``), valid from a day
+    ago for 31 days."""
+    sg_key = ecdsa_key()
+    ses_key = rsa_key()
     cert_dir = tmp_path / "sns-certs"
     cert_dir.mkdir(parents=True)
     (cert_dir / "SimpleNotificationService-test.pem").write_bytes(
-        cert.public_bytes(serialization.Encoding.PEM)
+        sns_certificate(ses_key, time.time() - 86400, days=31)
     )
-    pem = serialization.PrivateFormat.PKCS8
     return {
-        "SENDGRID_WEBHOOK_PUBLIC_KEY": base64.b64encode(
-            sg_key.public_key().public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        ).decode(),
-        "SENDGRID_WEBHOOK_PRIVATE_KEY": sg_key.private_bytes(
-            serialization.Encoding.PEM, pem, serialization.NoEncryption()
-        ).decode(),
+        "SENDGRID_WEBHOOK_PUBLIC_KEY": sendgrid_public_key(sg_key),
+        "SENDGRID_WEBHOOK_PRIVATE_KEY": private_pem(sg_key),
         "MAILGUN_WEBHOOK_SIGNING_KEY": f"key-mailgun-test{tag}",
         "POSTMARK_WEBHOOK_USER": "pm",
         "POSTMARK_WEBHOOK_PASSWORD": f"pm-secret{tag}",
@@ -64,9 +42,7 @@ def provider_env(tmp_path: Path, tag: str = "") -> dict[str, str]:
         "SPARKPOST_WEBHOOK_USER": "sp",
         "SPARKPOST_WEBHOOK_PASSWORD": f"sp-secret{tag}",
         "BREVO_WEBHOOK_TOKEN": f"brevo-token{tag}",
-        "SES_SNS_TEST_SIGNING_KEY": ses_key.private_bytes(
-            serialization.Encoding.PEM, pem, serialization.NoEncryption()
-        ).decode(),
+        "SES_SNS_TEST_SIGNING_KEY": private_pem(ses_key),
         "SES_SNS_TEST_CERT_URL": CERT_URL,
         "SES_SNS_CERT_DIR": str(cert_dir),
     }

@@ -4,47 +4,25 @@ e-mail addresses."""
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import hmac
 import json
 from typing import Any
 
 import orjson
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from provider_helpers import NOW, SALT, mailgun_signature, private_pem, rsa_key, sns_certificate
 
 from pipeline.events import validate_event
 from pipeline.ingest.providers import ADAPTERS, ReplayCache, WebhookError, WebhookRequest
 from pipeline.ingest.providers.mailgun import MailgunAdapter
 from pipeline.ingest.providers.ses import SesAdapter, sign
 
-SALT = b"fuzz-salt"
-NOW = 1_700_000_000.0
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-KEY = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # small: speed, tests only
-KEY_PEM = KEY.private_bytes(
-    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-).decode()
-_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sns.amazonaws.com")])
-_start = dt.datetime.fromtimestamp(NOW - 86400, dt.UTC)
-CERT = (
-    x509.CertificateBuilder()
-    .subject_name(_name)
-    .issuer_name(_name)
-    .public_key(KEY.public_key())
-    .serial_number(1)
-    .not_valid_before(_start)
-    .not_valid_after(_start + dt.timedelta(days=30))
-    .sign(KEY, hashes.SHA256())
-    .public_bytes(serialization.Encoding.PEM)
-)
+KEY = rsa_key(1024)  # small: speed, tests only
+KEY_PEM = private_pem(KEY)
+CERT = sns_certificate(KEY, NOW - 86400, days=30, serial=1)
 CERT_URL = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-x.pem"
 
 ENVS: dict[str, dict[str, str]] = {
@@ -225,7 +203,7 @@ def test_arbitrary_requests(name: str, body: bytes, hdrs: dict[str, str]) -> Non
 def test_signed_mailgun_with_wild_event_data(data: Any, token: str) -> None:
     # a valid signature takes the request past verify: the parser then sees wild content
     timestamp = str(int(NOW))
-    sig = hmac.new(b"k", (timestamp + token).encode(), hashlib.sha256).hexdigest()
+    sig = mailgun_signature("k", timestamp, token)
     body = enc({"signature": {"timestamp": timestamp, "token": token, "signature": sig}, "event-data": data})
     exercise("mailgun", WebhookRequest(body, {}, ""))
 

@@ -9,31 +9,24 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from provider_helpers import (
+    NOW,
+    SALT,
+    assert_email_event,
+    ecdsa_key,
+    private_pem,
+    round_trip,
+    sendgrid_public_key,
+)
 
-from pipeline.events import validate_event
 from pipeline.ingest.identity import pseudonymise
 from pipeline.ingest.providers import ADAPTERS, ConfigError, PayloadError, SignatureError, WebhookRequest
 from pipeline.ingest.providers.sendgrid import SIG_HEADER, TS_HEADER
 
-SALT = b"test-salt"
-NOW = 1_700_000_000.0
 ADDRESS = "example@test.com"
 sg = ADAPTERS["sendgrid"]
-
-
-def keypair() -> tuple[ec.EllipticCurvePrivateKey, str, str]:
-    """A P-256 key as the SendGrid dashboard shows it (base64 DER) plus PEM forms."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    private_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
-    return key, base64.b64encode(der).decode(), private_pem
-
-
-KEY, PUBLIC_B64, PRIVATE_PEM = keypair()
+KEY = ecdsa_key()
+PUBLIC_B64 = sendgrid_public_key(KEY)
 ENV = {"SENDGRID_WEBHOOK_PUBLIC_KEY": PUBLIC_B64}
 
 
@@ -81,13 +74,11 @@ def test_documented_batch_maps_every_field() -> None:
     assert result.ignored == 6 and result.malformed == 0
     assert [e["type"] for e in result.events] == ["send", "delivery", "open", "click", "bounce"]
     for event in result.events:
+        assert_email_event(event, "sendgrid", ADDRESS)
         assert event["event_id"].startswith("sendgrid:rbtnWrG1DVDGGGFHFyun0A-")
-        assert event["channel"] == "email" and event["source"] == "sendgrid"
-        assert event["subscriber_id"] == pseudonymise(ADDRESS, SALT)
         assert event["timestamp"] == 1513299569.0
         assert event["campaign_id"] == "cat facts"
         assert event["machine"] is False and event["bot"] is False
-        validate_event(event, NOW, 300)
     assert result.events[3]["url"] == "http://www.sendgrid.com/"
     assert "url" not in result.events[2]
     assert ADDRESS not in repr(result)
@@ -128,9 +119,8 @@ def test_trailing_crlf_is_signed() -> None:
 
 
 def test_wrong_key_refused() -> None:
-    other = ec.generate_private_key(ec.SECP256R1())
     with pytest.raises(SignatureError) as exc:
-        sg.verify(signed(BODY, key=other), ENV, NOW)
+        sg.verify(signed(BODY, key=ecdsa_key()), ENV, NOW)
     assert exc.value.status == 403
 
 
@@ -188,10 +178,7 @@ def test_round_trip() -> None:
     ]
     events[2]["machine"] = True
     events[3]["url"] = "https://shop.test/p"
-    headers, body = sg.build_request(events, {**ENV, "SENDGRID_WEBHOOK_PRIVATE_KEY": PRIVATE_PEM}, NOW, "")
-    req = WebhookRequest(body, {k.lower(): v for k, v in headers.items()}, "")
-    sg.verify(req, ENV, NOW)
-    parsed = sg.parse(req, SALT).events
+    parsed = round_trip(sg, events, {**ENV, "SENDGRID_WEBHOOK_PRIVATE_KEY": private_pem(KEY)})
     assert [(e["event_id"], e["type"], e["campaign_id"], e["timestamp"]) for e in parsed] == [
         (f"sendgrid:{ev['event_id']}", ev["type"], "c1", float(int(ev["timestamp"]))) for ev in events
     ]

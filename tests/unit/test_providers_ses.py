@@ -4,23 +4,25 @@ checks, subscription confirmation, SES event mapping, round trip. No network is 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
 from typing import Any
 
 import orjson
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
+from provider_helpers import (
+    NOW,
+    SALT,
+    assert_email_event,
+    json_request,
+    private_pem,
+    round_trip,
+    rsa_key,
+    sns_certificate,
+)
 
-from pipeline.events import validate_event
 from pipeline.ingest.identity import pseudonymise
 from pipeline.ingest.providers import PayloadError, SignatureError, UpstreamError, WebhookRequest
 from pipeline.ingest.providers.ses import SesAdapter, sign
 
-SALT = b"test-salt"
-NOW = 1_700_000_000.0
 CERT_URL = (
     "https://sns.us-west-2.amazonaws.com/SimpleNotificationService-7506a1e35b36ef5a444dd1a8e7cc3ed8.pem"
 )
@@ -28,27 +30,9 @@ TOPIC = "arn:aws:sns:us-west-2:123456789012:ses-events"
 ADDRESS = "recipient@example.com"
 
 
-def make_cert(key: rsa.RSAPrivateKey, days: int = 365) -> bytes:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sns.amazonaws.com")])
-    start = dt.datetime.fromtimestamp(NOW, dt.UTC) - dt.timedelta(days=1)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + dt.timedelta(days=days))
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-KEY_PEM = KEY.private_bytes(
-    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-).decode()
-CERT = make_cert(KEY)
+KEY = rsa_key()
+KEY_PEM = private_pem(KEY)
+CERT = sns_certificate(KEY, NOW - 86400, days=365)
 
 
 class Fetcher:
@@ -143,10 +127,11 @@ def envelope(
 
 
 def req(doc: Any, **headers: str) -> WebhookRequest:
+    """As SNS posts it (a JSON document sent as text/plain); keywords add headers, _ for -."""
     hdrs = {"content-type": "text/plain; charset=UTF-8"} | {
         k.replace("_", "-"): v for k, v in headers.items()
     }
-    return WebhookRequest(orjson.dumps(doc), hdrs, "https://x.test/webhooks/ses")
+    return json_request("ses", doc, hdrs)
 
 
 @pytest.mark.parametrize("version", ["1", "2"])
@@ -172,12 +157,8 @@ def test_tampered_message_refused(ses: SesAdapter) -> None:
 
 
 def test_wrong_key_refused(ses: SesAdapter) -> None:
-    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    other_pem = other.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
     with pytest.raises(SignatureError) as exc:
-        ses.verify(req(envelope(OPEN, key_pem=other_pem)), {}, NOW)
+        ses.verify(req(envelope(OPEN, key_pem=private_pem(rsa_key()))), {}, NOW)
     assert exc.value.status == 403
 
 
@@ -226,7 +207,7 @@ def test_stale_timestamp_refused(ses: SesAdapter) -> None:
 
 
 def test_expired_certificate_refused() -> None:
-    adapter = SesAdapter(cert_fetcher=Fetcher(make_cert(KEY, days=1)))
+    adapter = SesAdapter(cert_fetcher=Fetcher(sns_certificate(KEY, NOW - 86400, days=1)))
     with pytest.raises(SignatureError) as exc:
         adapter.verify(req(envelope(OPEN, ts=NOW + 3 * 86400)), {}, NOW + 3 * 86400)
     assert exc.value.reason == "certificate_expired"
@@ -287,12 +268,11 @@ def test_event_mapping(ses: SesAdapter, record: dict[str, Any], type_: str, ts: 
     request = req(envelope(record))
     ses.verify(request, {}, NOW)
     (event,) = ses.parse(request, SALT).events
+    assert_email_event(event, "ses", ADDRESS)
     assert event["event_id"] == "ses:22b80b92-fdea-4c2c-8f9d-bdfb0c7bf324"
     assert event["type"] == type_ and event["campaign_id"] == "book-launch"
     assert event["timestamp"] == dt.datetime.fromisoformat(ts).timestamp()
-    assert event["subscriber_id"] == pseudonymise(ADDRESS, SALT) and event["source"] == "ses"
     assert event["machine"] is False and event["bot"] is False
-    validate_event(event, NOW, 300)
     if type_ == "click":
         assert event["url"] == "http://docs.aws.amazon.com/ses/latest/DeveloperGuide/send-email-smtp.html"
 
@@ -338,7 +318,6 @@ def test_round_trip(ses: SesAdapter) -> None:
         "SES_SNS_TEST_CERT_URL": CERT_URL,
         "SES_SNS_TOPIC_ARNS": TOPIC,
     }
-    build: Callable[..., tuple[dict[str, str], bytes]] = ses.build_request
     for i, type_ in enumerate(["send", "delivery", "bounce", "open", "click"]):
         ev = {
             "type": type_,
@@ -347,21 +326,13 @@ def test_round_trip(ses: SesAdapter) -> None:
             "timestamp": NOW - 9 + i,
             "event_id": f"uuid-{i}",
         }
-        headers, body = build([ev], env, NOW, "")
-        request = WebhookRequest(body, headers, "")
-        ses.verify(request, env, NOW)
-        (event,) = ses.parse(request, SALT).events
+        (event,) = round_trip(ses, [ev], env)
         assert (event["event_id"], event["type"], event["campaign_id"]) == (f"ses:uuid-{i}", type_, "c")
         assert event["timestamp"] == NOW - 9 + i and event["subscriber_id"] == pseudonymise("u@x.test", SALT)
 
 
-def test_non_string_type_is_a_payload_error():
+def test_non_string_type_is_a_payload_error() -> None:
     """Found by hypothesis: a JSON object as Type must be refused, not crash (unhashable)."""
-    import pytest
-
-    from pipeline.ingest.providers import PayloadError, WebhookRequest
-    from pipeline.ingest.providers.ses import SesAdapter
-
     req = WebhookRequest(body=b'{"Type":{"":""}}', headers={}, url="http://x/webhooks/ses")
     with pytest.raises(PayloadError):
         SesAdapter(cert_fetcher=lambda url: b"").verify(req, {}, 0.0)

@@ -390,7 +390,7 @@ def make_event(
     bot: bool = False,
     url: Any = None,
 ) -> dict[str, Any]:
-    """One canonical event (contract section 1); Skip when a required value is unusable."""
+    """One canonical event (``schemas/event.schema.json``); Skip when a required value is unusable."""
     address = text(recipient)
     if not address:
         raise Skip("no_recipient")

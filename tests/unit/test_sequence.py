@@ -1,0 +1,89 @@
+"""The dedupe stage's account of offsets (pipeline.stages.sequence): records applied in
+offset order with none left out, whatever order the consumer hands them over in."""
+
+from __future__ import annotations
+
+from pipeline.stages.sequence import RESEEK_AFTER, STALL_AFTER, Sequencer
+
+A, B = ("funnel.raw.click", 0), ("funnel.raw.open", 1)
+
+
+def batch(*records):
+    return [(tp, offset, (tp, offset)) for tp, offset in records]
+
+
+def test_in_order_records_are_applied_and_become_committable_once_durable():
+    seq = Sequencer()
+    seq.reset({A: 10, B: 0})
+    out = seq.admit(batch((A, 10), (B, 0), (A, 11)), now=0)
+    assert out.admitted == [(A, 10), (B, 0), (A, 11)] and out.seeks == {} and out.left_out == 0
+    assert seq.cap({A: 12, B: 1}) == {A: 10, B: 0}  # not durable yet
+    seq.applied({A, B})
+    assert seq.cap({A: 12, B: 1}) == {A: 12, B: 1}
+    assert seq.cap({A: 50}) == {A: 12}  # never beyond what the stage applied
+
+
+def test_a_record_after_a_hole_is_left_out_with_the_rest_of_its_partition_and_sought_back():
+    seq = Sequencer()
+    seq.reset({A: 10, B: 0})
+    out = seq.admit(batch((A, 10), (A, 12), (B, 0), (A, 11), (A, 13)), now=0)
+    # 11 is missing when 12 arrives: 12 and everything after it on A waits for the re-read
+    assert out.admitted == [(A, 10), (B, 0)]
+    assert out.seeks == {A: 11} and out.left_out == 3
+    seq.applied({A, B})
+    assert seq.cap({A: 14}) == {A: 11}
+    # the re-read starts with stale copies still in flight: no second seek before RESEEK_AFTER
+    out = seq.admit(batch((A, 13)), now=RESEEK_AFTER / 2)
+    assert out.admitted == [] and out.seeks == {}
+    out = seq.admit(batch((A, 10), (A, 11), (A, 12)), now=RESEEK_AFTER / 2)
+    assert out.admitted == [(A, 10), (A, 11), (A, 12)]  # 10 is a replay: the rules skip it
+    assert seq.expected[A] == 13
+
+
+def test_a_seek_whose_record_never_comes_back_is_made_again():
+    seq = Sequencer()
+    seq.reset({A: 5})
+    assert seq.admit(batch((A, 7)), now=0).seeks == {A: 5}
+    assert seq.admit(batch((A, 8)), now=RESEEK_AFTER - 0.1).seeks == {}
+    assert seq.admit(batch((A, 9)), now=RESEEK_AFTER + 0.1).seeks == {A: 5}
+
+
+def test_records_of_partitions_not_assigned_are_left_out():
+    seq = Sequencer()
+    seq.reset({A: 0})
+    out = seq.admit(batch((B, 0), (A, 0)), now=0)
+    assert out.admitted == [(A, 0)] and out.left_out == 1 and out.unassigned == {B}
+    assert seq.cap({B: 1}) == {}  # and never committed from here
+
+
+def test_a_new_assignment_restarts_the_account_from_the_committed_offsets():
+    seq = Sequencer()
+    seq.reset({A: 0, B: 0})
+    seq.admit(batch((A, 0), (A, 1), (A, 2)), now=0)
+    seq.applied({A})
+    seq.reset({A: 1})  # B moved away; A resumes from its commit (a replay of 1 and 2)
+    assert seq.expected == {A: 1} and seq.cap({A: 9, B: 9}) == {A: 1}
+    assert seq.admit(batch((A, 1), (A, 2), (A, 3)), now=0).admitted == [(A, 1), (A, 2), (A, 3)]
+
+
+def test_a_failed_batch_is_read_again_from_what_was_durable():
+    seq = Sequencer()
+    seq.reset({A: 3})
+    seq.admit(batch((A, 3), (A, 4)), now=0)
+    assert seq.failed({A}) == {A: 3}
+    assert seq.expected[A] == 3 and seq.cap({A: 5}) == {A: 3}
+
+
+def test_a_partition_whose_next_record_never_arrives_is_sought_back():
+    """The tail case: the last records were dropped, no later record reveals the hole."""
+    seq = Sequencer()
+    seq.reset({A: 4, B: 0})
+    ends = {A: 6, B: 0}
+    assert seq.stalled(ends, now=0) == {}
+    assert seq.stalled(ends, now=STALL_AFTER - 0.1) == {}
+    assert seq.stalled(ends, now=STALL_AFTER + 0.1) == {A: 4}
+    # progress resets the clock; at the end nothing is sought
+    seq.admit(batch((A, 4)), now=STALL_AFTER + 0.2)
+    assert seq.stalled(ends, now=STALL_AFTER + 0.3) == {}
+    seq.admit(batch((A, 5)), now=STALL_AFTER + 0.4)
+    assert seq.stalled(ends, now=10 * STALL_AFTER) == {}
