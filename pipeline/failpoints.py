@@ -32,8 +32,8 @@ def _armed(spec: str) -> dict[str, int]:
 _remaining = _armed(os.environ.get("PIPELINE_FAILPOINT", ""))
 
 
-def hit(name: str) -> bool:
-    """True once, the n-th time the point is passed; then never again."""
+def _due(name: str) -> bool:
+    """Count one pass of the point; True at the n-th (once: the point is disarmed then)."""
     left = _remaining.get(name)
     if left is None:
         return False
@@ -41,16 +41,18 @@ def hit(name: str) -> bool:
         _remaining[name] = left - 1
         return False
     del _remaining[name]
+    return True
+
+
+def hit(name: str) -> bool:
+    """True once, the n-th time the point is passed; then never again."""
+    if not _due(name):
+        return False
     print(f"failpoint {name} hit", file=sys.stderr, flush=True)
     return True
 
 
 def reach(name: str) -> None:
-    left = _remaining.get(name)
-    if left is None:
-        return
-    if left > 1:
-        _remaining[name] = left - 1
-        return
-    print(f"failpoint {name} reached: exiting as if killed", file=sys.stderr, flush=True)
-    os._exit(137)
+    if _due(name):
+        print(f"failpoint {name} reached: exiting as if killed", file=sys.stderr, flush=True)
+        os._exit(137)

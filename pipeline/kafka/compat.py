@@ -117,8 +117,12 @@ def _shorten_fetch_wait() -> None:
 # --- seeking back after a rebalance ----------------------------------------------------------
 
 
-async def seek_to_committed(consumer: AIOKafkaConsumer) -> dict[TopicPartition, int | None]:
-    """Seek every assigned partition back to its committed offset, or to the beginning.
+async def seek_to_committed(
+    consumer: AIOKafkaConsumer,
+) -> tuple[dict[TopicPartition, int | None], dict[TopicPartition, int]]:
+    """Seek every assigned partition back to its committed offset, or to the beginning; return
+    the committed offsets (None where nothing is committed) and where each partition now starts
+    (the log's start offset where nothing is committed).
 
     Faust throws away the records a fetch returns while its flow is stopped (a rebalance, a
     table recovery), then seeks back with aiokafka's ``seek_to_committed``, which (0.14) skips
@@ -128,15 +132,6 @@ async def seek_to_committed(consumer: AIOKafkaConsumer) -> dict[TopicPartition, 
     committed, from the beginning: at worst a replay, which the dedupe stage recomputes
     exactly) and skips one that moved away (its new owner starts from the committed offset).
     """
-    committed_offsets, _ = await _seek_and_start_offsets(consumer)
-    return committed_offsets
-
-
-async def _seek_and_start_offsets(
-    consumer: AIOKafkaConsumer,
-) -> tuple[dict[TopicPartition, int | None], dict[TopicPartition, int]]:
-    """:func:`seek_to_committed`, plus where each partition now starts (the log's start
-    offset where nothing is committed)."""
     committed_offsets: dict[TopicPartition, int | None] = {}
     starts: dict[TopicPartition, int] = {}
     for tp in sorted(consumer.assignment()):
@@ -155,7 +150,7 @@ async def _seek_and_start_offsets(
 
 
 async def _seek_to_committed(self: Any) -> dict[TopicPartition, int | None]:
-    committed, starts = await self.call_thread(_seek_and_start_offsets, self._ensure_consumer())
+    committed, starts = await self.call_thread(seek_to_committed, self._ensure_consumer())
     listener = _assignment_listeners.get(self.app)
     if listener is not None:
         listener(starts)

@@ -8,7 +8,7 @@ import asyncio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from pipeline.bench.common import create_topics
-from pipeline.kafka.compat import _seek_and_start_offsets
+from pipeline.kafka.compat import seek_to_committed
 from pipeline.kafka.tansu import EmbeddedBroker
 
 
@@ -37,7 +37,7 @@ async def _scenario(address: str) -> tuple[dict, dict, dict]:
             for tp, records in (await consumer.getmany(timeout_ms=1000)).items():
                 read[tp] = read.get(tp, 0) + len(records)
         await consumer.commit({p0: 3})  # partition 1: nothing committed
-        committed, starts = await _seek_and_start_offsets(consumer)
+        committed, starts = await seek_to_committed(consumer)
         positions = {tp: await consumer.position(tp) for tp in (p0, p1)}
         return committed, positions, starts
     finally:
