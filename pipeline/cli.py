@@ -242,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--events", type=int, default=None, help="events for ceiling and topology (200,000)")
     bench.add_argument("--baseline-events", type=int, default=None, help="events for natural Faust (5,000)")
     bench.add_argument(
-        "--topology-runs", type=int, default=None, help="real-topology runs, the median reported (3)"
+        "--topology-runs",
+        type=int,
+        default=None,
+        help="runs of the topology, the ceiling and each HTTP ingest row; the median reported (3)",
     )
     bench.add_argument("--campaigns", type=int, default=None, help="campaigns, Zipf-distributed (100)")
     bench.add_argument("--population", type=int, default=None, help="subscribers in the events (20,000)")

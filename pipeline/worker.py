@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Mapping
 from typing import Any
 
 import faust
@@ -90,7 +91,11 @@ class HttpService(mode.Service):
             await self.producer.stop()
 
 
-def consumer_lag(app: faust.App) -> dict[tuple[str, int], int]:
+def consumer_lag(app: faust.App, processed: Mapping[Any, int]) -> dict[tuple[str, int], int]:
+    """Messages not yet processed, per owned partition: the log's end minus the first offset
+    not yet processed. For a raw partition that is what the dedupe stage made durable
+    (``processed``), so the messages Faust has fetched and holds in its buffers, up to
+    thousands under a backlog, count as the lag they are; for the others, what Faust read."""
     lags: dict[tuple[str, int], int] = {}
     consumer = app.consumer
     watched = (*RAW_TOPICS, PARTIALS_TOPIC)
@@ -103,8 +108,11 @@ def consumer_lag(app: faust.App) -> dict[tuple[str, int], int]:
             continue
         if highwater is None:
             continue
-        read = compat.read_offset(consumer, tp)
-        lags[(tp.topic, tp.partition)] = max(0, highwater - ((read + 1) if read is not None else 0))
+        done = processed.get(tp)
+        if done is None:
+            read = compat.read_offset(consumer, tp)
+            done = read + 1 if read is not None else 0
+        lags[(tp.topic, tp.partition)] = max(0, highwater - done)
     return lags
 
 
@@ -140,7 +148,8 @@ def build_worker(settings: Settings, loglevel: str = "info") -> tuple[Pipeline, 
     # the funnel families are written by the collector itself (fast, cached per campaign)
     funnel = FunnelCollector(settings, pipeline.aggregate.views, unsupported_rates, diagnose_metric)
     broker_up = (lambda: producer.healthy) if producer is not None else None
-    registry.register(LagCollector(lambda: consumer_lag(pipeline.app), broker_up))
+    durable = pipeline.dedupe.sequencer  # its account changes with each assignment: read at scrape
+    registry.register(LagCollector(lambda: consumer_lag(pipeline.app, durable.durable), broker_up))
     extra_routes = None
     if ingest is not None:
         service = ingest

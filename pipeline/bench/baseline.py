@@ -102,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
             state["peak_rss_mib"] = peak_rss_mib()
             write_json(status, state)
 
+    # its topics exist and every broker lists them before the consumer subscribes: left to
+    # Faust, a changelog created a moment earlier on a fresh Apache Kafka could show 0
+    # partitions to its check (PartitionsMismatch) and the baseline stalled
+    from pipeline.kafka.declare import declare_pipeline_topics
+
+    changelogs = [table.changelog_topic for table in (seen, clicks, clickers, uniques)]
+    declare_pipeline_topics(args.broker, [topic, *changelogs], partitions=4, replication=1)
+
     worker = faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False)
     quiet_faust_worker(worker)  # as `pipeline worker` runs it
     worker.execute_from_commandline()

@@ -2,8 +2,9 @@
 
 What a team gets: a real ``pipeline worker`` (the command users run, with its default process
 counts) on a broker given by address (the embedded Tansu or Apache Kafka), fed over HTTP at a
-fixed offered rate per step, the steps rising by ``growth`` until one fails (a first step that
-fails is halved, up to :data:`MAX_LOWERINGS` times, so the search starts below the knee):
+fixed offered rate per step, the steps rising by ``growth`` until a rate fails twice in a row
+(once may be other work on a shared machine; a first rate that fails twice is halved, up to
+:data:`MAX_LOWERINGS` times, so the search starts below the knee):
 
 * the load is batches of 1,000 canonical events to ``POST /events`` plus signed SendGrid
   webhooks (``POST /webhooks/sendgrid``, ECDSA with a test key), sent open-loop on a
@@ -34,7 +35,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +238,9 @@ class WorkerUnderTest:
             "PIPELINE_APP_ID": "bench-sustained",
             "PIPELINE_ID_SALT": SALT,
             "SENDGRID_WEBHOOK_PUBLIC_KEY": signer.public_key,
+            # every probe is a campaign of its own, a thousand and more in a full run: the
+            # default export limit would drop the least recently active campaigns (the load's)
+            "PIPELINE_MAX_CAMPAIGNS": "100000",
             **extra_env,
         }
         self.proc = subprocess.Popen(
@@ -319,6 +323,9 @@ class StepResult:
     worker_cpu_s: float
     passed: bool
     kind: str = "step"
+    load: float = 0.0  # the machine's 1-minute load average at the step's end (others' work too)
+    # (seconds into the step when posted, latency ms) of every probe seen: where the slow ones were
+    probe_series: list[tuple[float, float]] = field(default_factory=list)
 
 
 class Load:
@@ -415,6 +422,7 @@ class Watcher:
         self.signer = signer
         self.pending: dict[bytes, float] = {}  # needle -> posted at
         self.latencies: list[float] = []
+        self.series: list[tuple[float, float]] = []  # (posted at, latency) of every probe seen
         self.lags: list[tuple[float, float]] = []
         self.probes = 0
         self.failed_probes = 0
@@ -433,6 +441,7 @@ class Watcher:
         for needle, posted in list(self.pending.items()):
             if needle in text:
                 self.latencies.append(now - posted)
+                self.series.append((posted, now - posted))
                 del self.pending[needle]
         self.lags.append((now, sum(float(value) for value in LAG_LINE.findall(text))))
 
@@ -500,6 +509,7 @@ class Watcher:
     def reset(self) -> None:
         self.pending.clear()
         self.latencies = []
+        self.series = []
         self.lags = []
         self.probes = 0
         self.failed_probes = 0
@@ -565,12 +575,14 @@ async def run_step(
         worker_cpu_s=cpu,
         passed=bool(latencies) and not (failed or lost or grows or behind) and p99 <= P99_LIMIT_S,
         kind=kind,
+        load=os.getloadavg()[0],
+        probe_series=[(round(at - started, 2), round(latency * 1000)) for at, latency in watcher.series],
     )
     progress(
         f"sustained {label}: {step.achieved_rate:,.0f} events/s offered (target {rate:,.0f}), "
         f"p50 {step.p50_ms:,.0f} ms, p99 {step.p99_ms:,.0f} ms, {step.probes_seen}/{step.probes} probes, "
         f"lag {first:,.0f} -> {last:,.0f} (max {lag_max:,.0f}), {failed} failed, worker CPU "
-        f"{cpu / seconds:.2f} cores: {'PASS' if step.passed else 'FAIL'}"
+        f"{cpu / seconds:.2f} cores, load {step.load:.1f}: {'PASS' if step.passed else 'FAIL'}"
     )
     return step
 
@@ -618,13 +630,25 @@ def exported_counts(text: bytes) -> dict[str, dict[str, int]]:
 
 
 def check_truth(text: bytes, lap: Lap, laps: int, probes: int) -> list[str]:
-    """Differences between what /metrics exports and what was sent (empty: exact)."""
+    """Differences between what /metrics exports and what was sent (empty: exact); the totals
+    first, then campaign by campaign."""
     problems = []
+    overflow = sum(v for _, _, v in samples(text, {"pipeline_campaigns_overflow"}))
+    if overflow:
+        problems.append(f"{overflow:.0f} campaigns not exported (PIPELINE_MAX_CAMPAIGNS)")
+    ingested = {
+        labels["source"]: round(v) for _, labels, v in samples(text, {"pipeline_events_ingested_total"})
+    }
+    want_ingested = {"canonical": lap.canonical_events * laps, "sendgrid": lap.webhook_events * laps + probes}
+    if ingested != want_ingested:
+        problems.append(f"pipeline_events_ingested_total {ingested} != {want_ingested}")
+    want_dups = laps * sum(doc["duplicates"] for doc in lap.expected.values())
+    dups = sum(round(v) for _, _, v in samples(text, {"pipeline_duplicates_dropped_total"}))
+    if dups != want_dups:
+        problems.append(f"duplicates dropped {dups} != {want_dups} sent")
     got = exported_counts(text)
-    want_dups = 0
     for key, doc in lap.expected.items():
         want = {name: n * laps for name, n in doc["counts"].items() if n and name != "bot_click"}
-        want_dups += doc["duplicates"] * laps
         have = got.pop(key, {})
         if have != want:
             problems.append(f"{key}: exported {have} != sent {want}")
@@ -636,15 +660,6 @@ def check_truth(text: bytes, lap: Lap, laps: int, probes: int) -> list[str]:
         problems.append(f"{len(probe_campaigns)} probe campaigns exported, {probes} probes accepted")
     for key in got:
         problems.append(f"{key}: exported but never sent")
-    dups = sum(round(v) for _, _, v in samples(text, {"pipeline_duplicates_dropped_total"}))
-    if dups != want_dups:
-        problems.append(f"duplicates dropped {dups} != {want_dups} sent")
-    ingested = {
-        labels["source"]: round(v) for _, labels, v in samples(text, {"pipeline_events_ingested_total"})
-    }
-    want_ingested = {"canonical": lap.canonical_events * laps, "sendgrid": lap.webhook_events * laps + probes}
-    if ingested != want_ingested:
-        problems.append(f"pipeline_events_ingested_total {ingested} != {want_ingested}")
     return problems
 
 
@@ -672,6 +687,7 @@ async def _measure(
             steps: list[StepResult] = []
             rate = plan.start_rate
             lowered = 0
+            retried = False
             for n in range(plan.max_steps):
                 step = await run_step(load, watcher, worker, rate, plan.hold_s, f"step{n + 1}", "step")
                 steps.append(step)
@@ -679,9 +695,15 @@ async def _measure(
                 progress(f"sustained: drained in {waited:.1f}s")
                 if step.passed:
                     rate *= plan.growth
+                    retried = False
+                elif not retried:
+                    # once more at the same rate: on a shared machine a burst of other work can
+                    # fail one step; what fails twice in a row is taken as the knee
+                    retried = True
                 elif not any(s.passed for s in steps) and lowered < MAX_LOWERINGS:
                     lowered += 1  # the first rate was already too high: look below it
                     rate /= 2
+                    retried = False
                 else:
                     break
             passing = [s.achieved_rate for s in steps if s.passed]
@@ -772,7 +794,7 @@ def render(results: dict[str, dict[str, Any]]) -> list[str]:
         )
         lines.append(
             f"  {'step':<14} {'events/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'probes':>8} "
-            f"{'lag first->last (max)':>22} {'CPU cores':>9}  result"
+            f"{'lag first->last (max)':>22} {'CPU cores':>9} {'load':>5}  result"
         )
         for step in doc.get("steps", []):
             lag = f"{step['lag_first']:,.0f}->{step['lag_last']:,.0f} ({step['lag_max']:,.0f})"
@@ -792,7 +814,7 @@ def render(results: dict[str, dict[str, Any]]) -> list[str]:
                 f"  {step['kind']:<14} {step['achieved_rate']:>9,.0f} {step['p50_ms']:>8,.0f} "
                 f"{step['p99_ms']:>8,.0f} {step['max_ms']:>8,.0f} "
                 f"{step['probes_seen']:>3}/{step['probes']:<4} {lag:>22} "
-                f"{step['worker_cpu_s'] / step['seconds']:>9.2f}  {verdict}"
+                f"{step['worker_cpu_s'] / step['seconds']:>9.2f} {step.get('load', 0):>5.1f}  {verdict}"
             )
         lines.append(
             f"  sustained capacity (p99 <= 2 s, lag not growing): "

@@ -247,6 +247,9 @@ def render(result: dict[str, Any]) -> str:
                 f"{label:<44} {row['requests']:>9,} {row['events_per_s']:>10,.0f} {row['p50_ms']:>8.1f} "
                 f"{row['p99_ms']:>8.1f} {row['failures']:>7}"
             )
+            if len(row.get("runs_events_per_s", [])) > 1:
+                rates = ", ".join(f"{rate:,.0f}" for rate in row["runs_events_per_s"])
+                lines.append(f"{'':<44} median of {len(row['runs_events_per_s'])} runs: {rates} events/s")
         if result.get("ingest_worker_peak_rss_mib"):
             lines.append(
                 f"(ingest worker peak RSS {result['ingest_worker_peak_rss_mib']:,.0f} MiB, "

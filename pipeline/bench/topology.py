@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.bench.common import peak_rss_mib, rss_mib, write_json
-from pipeline.state.codec import snapshot_seq
+from pipeline.state.codec import snapshot_seqs
 
 
 def cpu_seconds() -> float:
@@ -82,15 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     async def aggregate_wrapped(events: list) -> None:
         await aggregate_process(events)
         for event in events:
-            # the watcher must not slow down what it watches: read only the partition and the
-            # seq of the snapshot, not the whole document
-            partition, q = snapshot_seq(event.value)
-            key = (event.message.key, partition)
-            old = seqs.get(key, 0)
-            if q > old:
-                seqs[key] = q
-                state["applied_seq"] += q - old
-        state["aggregate_snapshots"] += len(events)
+            # the watcher must not slow down what it watches: read only the campaigns,
+            # partitions and seqs of the snapshots, not the whole documents
+            for ckey, partition, q in snapshot_seqs(event.message.key, event.value):
+                key = (ckey, partition)
+                old = seqs.get(key, 0)
+                if q > old:
+                    seqs[key] = q
+                    state["applied_seq"] += q - old
+                state["aggregate_snapshots"] += 1
         if args.expect and state["done"] is None and state["applied_seq"] >= args.expect:
             state["done"] = time.time()
             state["cpu_done"] = cpu_seconds()

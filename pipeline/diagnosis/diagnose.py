@@ -57,6 +57,7 @@ ADVICE = {
 }
 TRADE_OFF_ADVICE = "CTR up while CVR falls, check click quality"
 MAX_VOLUME = 10**12
+SHORTCUT_VOLUME = 10**8  # see volume_needed
 
 
 def z_value(confidence: float) -> float:
@@ -78,6 +79,16 @@ def volume_needed(p: float, n: int, bound: float, z: float) -> int | None:
     """Smallest total ``N >= n`` whose Wilson interval at rate ``p`` no longer contains ``bound``.
 
     ``None`` when no volume would do (the rate sits on the bound).
+
+    A search: doubling from ``n`` until the interval is clear of the bound, then bisecting.
+    The interval at ``N`` contains ``b`` exactly when ``N (p - b)^2 <= z^2 b (1 - b)`` (the
+    Wilson interval's defining inequality), which puts the answer next to ``z^2 b (1 - b) /
+    (p - b)^2``: below :data:`SHORTCUT_VOLUME` the search skips the doublings under that and
+    tries it first, so it takes a handful of interval computations instead of about forty
+    (``/metrics`` diagnoses every campaign that changed). Each step is still decided by the
+    interval itself, which moves monotonically with ``N`` there, so the answer is the one the
+    plain search gives; above it (a rate within a few millionths of the bound) the floating
+    point interval wobbles from one ``N`` to the next and the plain search decides alone.
     """
 
     def separated(total: float) -> bool:
@@ -87,11 +98,26 @@ def volume_needed(p: float, n: int, bound: float, z: float) -> int | None:
 
     if p == bound or not 0 < bound < 1:
         return None
+    estimate = z * z * bound * (1 - bound) / ((p - bound) ** 2)
+    if estimate > SHORTCUT_VOLUME:
+        estimate = 0.0  # no shortcut
     lo, hi = n, max(2 * n, 1)  # not separated at ``lo`` (or no sample there)
+    while 2 * hi < estimate and 2 * hi <= MAX_VOLUME:
+        lo, hi = hi, hi * 2  # well below the boundary: not separated there either
     while not separated(hi):
         lo, hi = hi, hi * 2
         if hi > MAX_VOLUME:
             return None
+    guess = math.floor(estimate) + 1
+    if estimate and lo < guess < hi:  # try the boundary's neighbourhood first
+        if separated(guess):
+            hi = guess
+            if lo < guess - 1 and not separated(guess - 1):
+                lo = guess - 1
+        else:
+            lo = guess
+            if guess + 1 < hi and separated(guess + 1):
+                hi = guess + 1
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if separated(mid):

@@ -82,6 +82,7 @@ class IngestProcess:
         self.ready = False
         self.started_at = 0.0
         self.quick_deaths = 0
+        self.restart_at: float | None = None  # exited: started again at this time
 
 
 class IngestProcesses:
@@ -126,10 +127,14 @@ class IngestProcesses:
         proc = subprocess.Popen(command, stdin=subprocess.PIPE, env=env, pass_fds=(write_fd,))
         os.close(write_fd)
         assert proc.stdin is not None
-        proc.stdin.write(pickle.dumps((self.settings, self.upstream, self.loglevel)))
-        proc.stdin.close()
+        try:
+            proc.stdin.write(pickle.dumps((self.settings, self.upstream, self.loglevel)))
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it died at once: the next poll reports and restarts it
         process.proc, process.ready_fd, process.ready = proc, read_fd, False
         process.started_at = time.monotonic()
+        process.restart_at = None
 
     def poll(self) -> None:
         """Note which processes became ready; restart any that exited."""
@@ -138,6 +143,8 @@ class IngestProcesses:
         for process in self.processes:
             proc = process.proc
             if proc is None:
+                if process.restart_at is not None and time.monotonic() >= process.restart_at:
+                    self._spawn(process)
                 continue
             if not process.ready and process.ready_fd is not None:
                 try:
@@ -166,9 +173,8 @@ class IngestProcesses:
                     f"{QUICK:.0f} s of its start (last exit code {code}); see the log above"
                 )
                 return
-            if lived < RESTART_DELAY:
-                time.sleep(RESTART_DELAY - lived)
-            self._spawn(process)
+            # not at once: a process that cannot start would otherwise be started in a tight loop
+            process.restart_at = process.started_at + max(lived, RESTART_DELAY)
 
     def _close(self, process: IngestProcess) -> None:
         if process.ready_fd is not None:

@@ -16,9 +16,14 @@ from pipeline.state.codec import Partial, split_window_key
 
 
 def merge_snapshot(stored: dict[int, Partial], partition: int, snapshot: Partial) -> bool:
-    """Keep ``snapshot`` for ``partition`` if it is at least as new; return whether it was kept."""
+    """Keep ``snapshot`` for ``partition`` if it is newer; return whether it was kept.
+
+    A snapshot of the same ``seq`` is the same partial (a resend, or a replay after a crash,
+    which recomputes it identically), so it changes nothing: the resend of every partial each
+    30 s does not rewrite every campaign.
+    """
     current = stored.get(partition)
-    if current is not None and current.seq > snapshot.seq:
+    if current is not None and current.seq >= snapshot.seq:
         return False
     stored[partition] = snapshot
     return True

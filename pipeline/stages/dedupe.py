@@ -33,12 +33,12 @@ import orjson
 
 from pipeline import failpoints
 from pipeline.events import EventError, validate_event
-from pipeline.kafka.topics import RAW_TOPICS, TOPIC_CODES, is_validated
+from pipeline.kafka.topics import RAW_TOPICS, TOPIC_CODES, is_validated, partition_of_key
 from pipeline.rules.dedupe import STAMP_SHIFT, STAMP_SPAN, Rules, apply, stamp_of
 from pipeline.settings import Settings
 from pipeline.stages.sequence import Sequencer
 from pipeline.state import codec
-from pipeline.state.bulk_table import BulkTable, group_by_partition
+from pipeline.state.bulk_table import BulkTable, group_by_partition, partition_count, send_values
 from pipeline.state.codec import Partial, SubscriberRecord, campaign_key, record_key
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 # about 90,000 events of 180 bytes: bounds the memory a batch holds (about 150 MiB) while
 # spreading each chunk's fixed work (partials, snapshots, acknowledgements) over many events
 CHUNK_BYTES = 16 * 1024 * 1024
+SNAPSHOT_MESSAGE_BYTES = 256 * 1024  # a message of the partials topic ends once its snapshots reach this
 _loads = orjson.loads
 
 
@@ -289,12 +290,11 @@ class DedupeStage:
                     del self._inflight[pkey]  # stored now; a later chunk's newer one stays
         for fut in pending:
             await fut
-        snapshots = []
-        for partition, _first, partials in stored:
-            for pkey, (_, raw) in partials.items():
-                snapshots.append(
-                    await self.send_raw_snapshot(partition, codec.parse_partial_key(pkey)[1], raw)
-                )
+        snapshots = await self.send_snapshots(
+            (partition, codec.parse_partial_key(pkey)[1], raw)
+            for partition, _first, partials in stored
+            for pkey, (_, raw) in partials.items()
+        )
         if rejected:
             await self.dead_letters(rejected)
         for fut in snapshots:
@@ -440,20 +440,39 @@ class DedupeStage:
             partials[ckey] = codec.decode_partial(raw) if raw else Partial()
         return partials
 
-    async def send_raw_snapshot(self, partition: int, ckey: bytes, encoded_partial: bytes) -> asyncio.Future:
-        return await self.partials_topic.send(
-            key=ckey, value=codec.encode_snapshot(partition, encoded_partial)
-        )
+    async def send_snapshots(self, snapshots: Iterable[tuple[int, bytes, bytes]]) -> list[asyncio.Future]:
+        """(partition, campaign key, encoded partial) as snapshots to the aggregate stage;
+        futures that resolve once they are acknowledged.
+
+        A message carries the snapshots of many campaigns (those whose key puts them on the
+        message's partition, as a keyed send would, so each campaign stays on its partition):
+        a batch touches hundreds of (campaign, partition) pairs, and a message each cost
+        Faust's per-message path twice, sending and again receiving.
+        """
+        topic = self.partials_topic.get_topic_name()
+        count = await partition_count(self.partials_topic.app, topic)
+        by_partition: dict[int, list[tuple[bytes, int, bytes]]] = {}
+        for partition, ckey, raw in snapshots:
+            by_partition.setdefault(partition_of_key(ckey, count), []).append((ckey, partition, raw))
+        futures: list[asyncio.Future] = []
+        for target, entries in by_partition.items():
+            messages, size, start = [], 0, 0
+            for n, (_, _, raw) in enumerate(entries):
+                size += len(raw)
+                if size >= SNAPSHOT_MESSAGE_BYTES:
+                    messages.append(codec.encode_snapshots(entries[start : n + 1]))
+                    size, start = 0, n + 1
+            if start < len(entries):
+                messages.append(codec.encode_snapshots(entries[start:]))
+            futures += await send_values(self.partials_topic.app, topic, target, messages)
+        return futures
 
     async def resend_all(self) -> int:
         """Send every partial this worker owns again: heals a snapshot lost in a crash."""
-        sent = []
-        for key, value in list(self.partials.items()):
-            partition, ckey = codec.parse_partial_key(key)
-            sent.append(await self.send_raw_snapshot(partition, ckey, value))
-        for fut in sent:
+        snapshots = [(*codec.parse_partial_key(key), value) for key, value in list(self.partials.items())]
+        for fut in await self.send_snapshots(snapshots):
             await fut
-        return len(sent)
+        return len(snapshots)
 
 
 def _where(message: Any, partition: int) -> dict[str, Any]:

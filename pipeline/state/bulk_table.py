@@ -16,7 +16,7 @@ Other stores fall back to the per-key table API.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from itertools import chain
 from typing import Any
@@ -144,44 +144,63 @@ class BulkTable:
         deletes: Sequence[bytes] = (),
         local: asyncio.Future | None = None,
     ) -> list:
-        app = self.table.app
         store = self.table.data
-        producer = app_producer(app)
         topic = self.table.changelog_topic.get_topic_name()
         tp = TP(topic, partition)
-        futures: list[asyncio.Future] = []
-
-        async def flush(builder: Any) -> None:
-            sent = await producer.send_batch(builder, topic, partition=partition)
-            future = sent if isinstance(sent, asyncio.Future) else sent.future
-
-            def persisted(fut: asyncio.Future) -> None:
-                if fut.cancelled() or fut.exception() is not None:
-                    return
-                # the batch's first offset: recovery may re-apply the rest, which is harmless
-                offset = fut.result().offset
-
-                def stored(write: asyncio.Future | None) -> None:
-                    if write is None or (not write.cancelled() and write.exception() is None):
-                        store.set_persisted_offset(tp, offset)
-
-                if local is None or local.done():
-                    stored(local)
-                else:
-                    local.add_done_callback(stored)
-
-            future.add_done_callback(persisted)
-            futures.append(future)
-
-        builder = producer.create_batch()
         # a deletion is a tombstone (no value), as Faust's own ``del table[key]`` sends it
         entries: Iterator[tuple[bytes, bytes | None]] = chain(((key, None) for key in deletes), items.items())
-        for key, value in entries:
-            if builder.append(key=key, value=value, timestamp=None) is None:
-                await flush(builder)
-                builder = producer.create_batch()
-                if builder.append(key=key, value=value, timestamp=None) is None:
-                    raise ValueError(f"changelog entry of {len(value or b'')} bytes does not fit a batch")
-        if builder.record_count():
-            await flush(builder)
+        futures = await send_records(app_producer(self.table.app), topic, partition, entries)
+
+        def persisted(fut: asyncio.Future) -> None:
+            if fut.cancelled() or fut.exception() is not None:
+                return
+            # the batch's first offset: recovery may re-apply the rest, which is harmless
+            offset = fut.result().offset
+
+            def stored(write: asyncio.Future | None) -> None:
+                if write is None or (not write.cancelled() and write.exception() is None):
+                    store.set_persisted_offset(tp, offset)
+
+            if local is None or local.done():
+                stored(local)
+            else:
+                local.add_done_callback(stored)
+
+        for future in futures:
+            future.add_done_callback(persisted)
         return futures
+
+
+async def send_records(
+    producer: Any, topic: str, partition: int, entries: Iterable[tuple[bytes | None, bytes | None]]
+) -> list[asyncio.Future]:
+    """Records to one topic partition, in order, as whole record batches (aiokafka's public
+    ``create_batch``/``send_batch``); one future per batch, resolved with its metadata (its
+    first offset) once the broker acknowledged it."""
+    futures: list[asyncio.Future] = []
+
+    async def flush(builder: Any) -> None:
+        sent = await producer.send_batch(builder, topic, partition=partition)
+        futures.append(sent if isinstance(sent, asyncio.Future) else sent.future)
+
+    builder = producer.create_batch()
+    for key, value in entries:
+        if builder.append(key=key, value=value, timestamp=None) is None:
+            await flush(builder)
+            builder = producer.create_batch()
+            if builder.append(key=key, value=value, timestamp=None) is None:
+                raise ValueError(f"record of {len(value or b'')} bytes does not fit a batch")
+    if builder.record_count():
+        await flush(builder)
+    return futures
+
+
+async def partition_count(app: Any, topic: str) -> int:
+    """How many partitions ``topic`` has, as the app's producer knows it."""
+    return len(await app_producer(app).partitions_for(topic))
+
+
+async def send_values(app: Any, topic: str, partition: int, values: Iterable[bytes]) -> list[asyncio.Future]:
+    """Messages without key to one partition, in order, as whole record batches (see
+    :func:`send_records`) through the app's own producer."""
+    return await send_records(app_producer(app), topic, partition, ((None, value) for value in values))

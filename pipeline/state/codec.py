@@ -8,7 +8,7 @@ what                 key                                        value
 ===================  =========================================  ==================================
 subscriber record    :func:`record_key` (JSON array)            :func:`encode_record` (format 3)
 partial              :func:`partial_key` ``partition|campaign``  :func:`encode_partial` (format 2)
-snapshot (topic)     :func:`campaign_key` ``channel|campaign``   :func:`encode_snapshot` (format 2)
+snapshot (topic)     none (explicit partition)                  :func:`encode_snapshots` (format 3)
 campaign (table)     :func:`campaign_key`                       :func:`encode_campaign` (format 2)
 window (in values)   :func:`window_key` ``size:start``          --
 ===================  =========================================  ==================================
@@ -50,7 +50,7 @@ _dumps = orjson.dumps
 
 RECORD_FORMAT = 3
 PARTIAL_FORMAT = 2
-SNAPSHOT_FORMAT = 2
+SNAPSHOT_FORMAT = 3  # a message of many snapshots; 1 and 2 carried one
 CAMPAIGN_FORMAT = 2
 
 Stamp = int  # an event's position: see pipeline.rules.dedupe.stamp_of
@@ -379,27 +379,45 @@ def _partial_of(doc: Mapping[str, Any]) -> Partial:
     return Partial(doc["v"], doc["q"], doc["wm"], doc["t"], doc["w"], doc["d"], doc["l"], doc["s"], doc["x"])
 
 
-def encode_snapshot(partition: int, encoded_partial: bytes) -> bytes:
-    """What the partials topic carries: a partial of one stage-1 partition, already encoded."""
-    return b'{"f":%d,"p":%d,"s":%s}' % (SNAPSHOT_FORMAT, partition, encoded_partial)
+def encode_snapshots(snapshots: Iterable[tuple[bytes, int, bytes]]) -> bytes:
+    """One message of the partials topic: the snapshots of many campaigns (format 3), each a
+    (campaign key, stage-1 partition, encoded partial), all on the message's partition."""
+    return b'{"f":%d,"m":[%s]}' % (
+        SNAPSHOT_FORMAT,
+        b",".join(
+            b'{"k":%s,"p":%d,"s":%s}' % (_dumps(ckey.decode()), partition, encoded_partial)
+            for ckey, partition, encoded_partial in snapshots
+        ),
+    )
 
 
-def decode_snapshot(raw: bytes) -> tuple[int, Partial]:
+def decode_snapshots(key: bytes | None, raw: bytes) -> list[tuple[bytes, int, Partial]]:
+    """(campaign key, stage-1 partition, partial) of every snapshot in a message: format 3
+    carries many; formats 1 and 2 (still read) carried one, of the campaign in the key."""
     doc = _loads(raw)
-    if doc.get("f", 1) > SNAPSHOT_FORMAT:  # format 1 had no "f"
-        raise FormatError(f"snapshot of format {doc['f']}, newer than this version reads")
-    return doc["p"], _partial_of(doc["s"])
+    form = doc.get("f", 1)  # format 1 had no "f"
+    if form > SNAPSHOT_FORMAT:
+        raise FormatError(f"snapshot of format {form}, newer than this version reads")
+    if form < 3:
+        if key is None:
+            raise FormatError("a snapshot of format 1 or 2 without its campaign key")
+        return [(key, doc["p"], _partial_of(doc["s"]))]
+    return [(entry["k"].encode(), entry["p"], _partial_of(entry["s"])) for entry in doc["m"]]
 
 
-_SNAPSHOT_SEQ = re.compile(rb'"p":(\d+),"s":\{"v":\{[^}]*\},"q":(\d+)')
+_SNAPSHOT_SEQ = re.compile(rb'(?:"k":("(?:[^"\\]|\\.)*"),)?"p":(\d+),"s":\{"v":\{[^}]*\},"q":(\d+)')
 
 
-def snapshot_seq(raw: bytes) -> tuple[int, int]:
-    """(partition, seq) of a snapshot without decoding all of it (the bench watches many)."""
-    match = _SNAPSHOT_SEQ.search(raw)
-    if match is None:
+def snapshot_seqs(key: bytes | None, raw: bytes) -> list[tuple[bytes | None, int, int]]:
+    """(campaign key, partition, seq) of every snapshot in a message without decoding all of
+    it (the bench watches many)."""
+    found = [
+        (_loads(ckey).encode() if ckey else key, int(partition), int(seq))
+        for ckey, partition, seq in _SNAPSHOT_SEQ.findall(raw)
+    ]
+    if not found:
         raise FormatError(f"not a snapshot: {raw[:80]!r}")
-    return int(match[1]), int(match[2])
+    return found
 
 
 def encode_campaign(partials: Mapping[int, Partial]) -> bytes:

@@ -256,6 +256,45 @@ def test_volume_needed_is_the_volume_that_separates_the_interval():
     assert volume_needed(low, 100, low, z) is None  # on the bound: no volume will do
 
 
+def _volume_by_plain_search(p: float, n: int, bound: float, z: float) -> int | None:
+    """The search without its shortcut: doubling from ``n``, then bisecting."""
+
+    def separated(total: float) -> bool:
+        interval = wilson(p * total, total, z)
+        assert interval is not None
+        return interval[1] < bound if p < bound else interval[0] >= bound
+
+    if p == bound or not 0 < bound < 1:
+        return None
+    lo, hi = n, max(2 * n, 1)
+    while not separated(hi):
+        lo, hi = hi, hi * 2
+        if hi > 10**12:
+            return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if separated(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def test_volume_needed_gives_what_the_plain_search_gives():
+    import random
+
+    rng = random.Random(5)
+    cases = [(0.04, 100, 0.032), (0.02, 50, 0.032), (0.5, 0, 0.3), (0.0, 10, 0.01), (1.0, 10, 0.99)]
+    for _ in range(3000):
+        n = rng.choice([0, 1, 7, 100, 2_500, 10**5, 10**7])
+        k = rng.randint(0, n) if n else 0
+        p = k / n if n else rng.random()
+        cases.append((p, n, rng.choice([rng.random(), p + 1e-9, p - 1e-6, 0.5, 0.03])))
+    for p, n, bound in cases:
+        for z in (1.959964, 1.644854):
+            assert volume_needed(p, n, bound, z) == _volume_by_plain_search(p, n, bound, z), (p, n, bound)
+
+
 def test_more_data_at_the_same_rate_turns_insufficient_into_a_diagnosis():
     thin = run(ads(impression=2_000, click=56, conversion=3))  # CTR 2.8 %, CVR 5.4 %
     assert thin["bottleneck"] == "insufficient_data"

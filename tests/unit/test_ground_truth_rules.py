@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from pipeline.events import routing_key, validate_event
-from pipeline.kafka.topics import TOPIC_CODES, partition_for, raw_topic
+from pipeline.kafka.topics import TOPIC_CODES, partition_for, partition_of_key, raw_topic
 from pipeline.rules.aggregate import combine
 from pipeline.rules.dedupe import apply_event, stamp_of
 from pipeline.simulation.traffic import generate
@@ -232,3 +232,32 @@ def test_partitioner_is_kafkas_murmur2() -> None:
         data = key.encode("utf-8", "surrogatepass")
         for partitions in (1, 4, 7, 12):
             assert partition_for(key, partitions) == (murmur2(data) & 0x7FFFFFFF) % partitions, key
+
+
+def test_snapshots_go_where_a_keyed_send_puts_them() -> None:
+    """Snapshots sent as record batches land on the partition aiokafka's default partitioner
+    (what a keyed ``topic.send`` uses) chooses for their campaign key."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from pipeline.state.codec import campaign_key
+
+    keys = [campaign_key(channel, f"camp-{n}") for n in range(500) for channel in ("email", "ads")]
+    keys += [campaign_key("email", "Zoë ☃ 𝄞"), b""]
+    for key in keys:
+        for partitions in (1, 4, 7, 12):
+            assert partition_of_key(key, partitions) == DefaultPartitioner()(
+                key, list(range(partitions)), []
+            ), key
+
+
+def test_a_snapshot_is_kept_only_when_newer() -> None:
+    """An equal seq is the same partial (a resend or a replay): the campaign is not rewritten."""
+    from pipeline.rules.aggregate import merge_snapshot
+    from pipeline.state.codec import Partial
+
+    stored: dict[int, Partial] = {}
+    assert merge_snapshot(stored, 1, Partial(seq=5, totals={"click": 5}))
+    assert not merge_snapshot(stored, 1, Partial(seq=5, totals={"click": 5}))
+    assert not merge_snapshot(stored, 1, Partial(seq=4, totals={"click": 4}))
+    assert merge_snapshot(stored, 1, Partial(seq=6, totals={"click": 6}))
+    assert stored[1].totals == {"click": 6}
