@@ -102,10 +102,7 @@ def consumer_lag(app: faust.App, processed: Mapping[Any, int]) -> dict[tuple[str
     for tp in consumer.assignment():
         if tp.topic not in watched:
             continue
-        try:
-            highwater = consumer.highwater(tp)
-        except Exception:
-            continue
+        highwater = compat.end_offset(app, tp)
         if highwater is None:
             continue
         done = processed.get(tp)
@@ -148,8 +145,8 @@ def build_worker(settings: Settings, loglevel: str = "info") -> tuple[Pipeline, 
     # the funnel families are written by the collector itself (fast, cached per campaign)
     funnel = FunnelCollector(settings, pipeline.aggregate.views, unsupported_rates, diagnose_metric)
     broker_up = (lambda: producer.healthy) if producer is not None else None
-    durable = pipeline.dedupe.sequencer  # its account changes with each assignment: read at scrape
-    registry.register(LagCollector(lambda: consumer_lag(pipeline.app, durable.durable), broker_up))
+    sequencer = pipeline.dedupe.sequencer  # a new account at each assignment: read at scrape time
+    registry.register(LagCollector(lambda: consumer_lag(pipeline.app, sequencer.durable), broker_up))
     extra_routes = None
     if ingest is not None:
         service = ingest

@@ -119,6 +119,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 CHECKOUT_VARIABLES = ("PYTHONPATH", "VIRTUAL_ENV")
 
 
+def outside_environ() -> dict[str, str]:
+    """This environment without what points a process at the checkout."""
+    return {k: v for k, v in os.environ.items() if k not in CHECKOUT_VARIABLES}
+
+
 @dataclass
 class WorkerProcess:
     broker: str

@@ -20,6 +20,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipeline.simulation.traffic import Traffic, expected_rates, send
 
 
+def late_ids(traffic: Traffic) -> list[str]:
+    """The ids of the events the simulator sent late on purpose."""
+    return [e["event_id"] for e in traffic.events if e["event_id"].endswith("-late")]
+
+
 def nonzero(counts: dict[str, int]) -> dict[str, int]:
     return {k: v for k, v in counts.items() if v}
 
@@ -110,10 +115,19 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return samples
 
 
+def metric_sum(url: str, name: str, **labels: str) -> float:
+    """``name`` on ``url``'s ``/metrics``, summed over the samples that carry ``labels``."""
+    wanted = set(labels.items())
+    samples = scrape(url).items()
+    return sum(value for (sample, tags), value in samples if sample == name and wanted <= set(tags))
+
+
 def children(pid: int) -> list[int]:
-    """The processes ``pid`` started (Linux /proc)."""
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(child) for child in path.read_text().split()] if path.exists() else []
+    """The processes ``pid`` started (Linux /proc); none once it is gone."""
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 def alive(pid: int) -> bool:

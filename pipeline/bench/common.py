@@ -55,6 +55,12 @@ def wait_until_done(
     raise RuntimeError(f"{name} did not finish within {timeout}s (last status {doc and describe(doc)})")
 
 
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median rate (``events_per_s``), with every run's rate beside it."""
+    ranked = sorted(runs, key=lambda run: run["events_per_s"])
+    return {**ranked[(len(ranked) - 1) // 2], "runs_events_per_s": [run["events_per_s"] for run in runs]}
+
+
 def progress(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 

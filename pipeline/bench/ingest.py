@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.bench.common import peak_rss_mib, progress
+from pipeline.bench.common import median_of, peak_rss_mib, progress
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -140,12 +140,5 @@ async def measure(
                     "failures": failures,
                 }
             )
-        ranked = sorted(measured, key=lambda row: row["events_per_s"])
-        rows.append(
-            {
-                **ranked[(len(ranked) - 1) // 2],
-                "failures": sum(row["failures"] for row in measured),
-                "runs_events_per_s": [row["events_per_s"] for row in measured],
-            }
-        )
+        rows.append({**median_of(measured), "failures": sum(row["failures"] for row in measured)})
     return rows

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.bench import baseline, ceiling, ingest, latency, memory, scale, topology
-from pipeline.bench.common import create_topics, produce_single, progress, run_async
+from pipeline.bench.common import create_topics, median_of, produce_single, progress, run_async
 from pipeline.bench.data import generate
 from pipeline.bench.table import machine as report_machine
 from pipeline.kafka.local import KAFKA_VERSION, KafkaCluster
@@ -155,12 +155,10 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run of median rate, exact only if every run was, with every run's rate beside it."""
-    ranked = sorted(runs, key=lambda run: run["events_per_s"])
     return {
-        **ranked[(len(ranked) - 1) // 2],
+        **median_of(runs),
         "exact": all(run.get("exact", True) for run in runs),
         "problems": [p for run in runs for p in run.get("problems", [])][:10],
-        "runs_events_per_s": [run["events_per_s"] for run in runs],
     }
 
 

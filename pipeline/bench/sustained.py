@@ -421,7 +421,6 @@ class Watcher:
         self.plan = plan
         self.signer = signer
         self.pending: dict[bytes, float] = {}  # needle -> posted at
-        self.latencies: list[float] = []
         self.series: list[tuple[float, float]] = []  # (posted at, latency) of every probe seen
         self.lags: list[tuple[float, float]] = []
         self.probes = 0
@@ -429,6 +428,11 @@ class Watcher:
         self.probe_number = 0
         self.accepted_probes = 0  # over every step: each shows as one campaign in the end
         self.scrapes = 0
+
+    @property
+    def latencies(self) -> list[float]:
+        """Seconds from post to showing on ``/metrics``, of every probe seen."""
+        return [latency for _, latency in self.series]
 
     async def scrape(self) -> bytes:
         async with self.session.get(f"{self.worker.admin_url}/metrics") as resp:
@@ -440,7 +444,6 @@ class Watcher:
         self.scrapes += 1
         for needle, posted in list(self.pending.items()):
             if needle in text:
-                self.latencies.append(now - posted)
                 self.series.append((posted, now - posted))
                 del self.pending[needle]
         self.lags.append((now, sum(float(value) for value in LAG_LINE.findall(text))))
@@ -508,7 +511,6 @@ class Watcher:
 
     def reset(self) -> None:
         self.pending.clear()
-        self.latencies = []
         self.series = []
         self.lags = []
         self.probes = 0

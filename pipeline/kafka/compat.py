@@ -134,6 +134,7 @@ async def seek_to_committed(
     """
     committed_offsets: dict[TopicPartition, int | None] = {}
     starts: dict[TopicPartition, int] = {}
+    from_start: list[TopicPartition] = []
     for tp in sorted(consumer.assignment()):
         committed = await consumer.committed(tp)
         try:
@@ -142,10 +143,12 @@ async def seek_to_committed(
                 starts[tp] = committed
             else:
                 await consumer.seek_to_beginning(tp)
-                starts[tp] = (await consumer.beginning_offsets([tp]))[tp]
+                from_start.append(tp)
         except IllegalStateError:
             continue  # no longer ours
         committed_offsets[tp] = committed
+    if from_start:  # one request for every partition read from its log's start
+        starts.update(await consumer.beginning_offsets(from_start))
     return committed_offsets, starts
 
 

@@ -19,6 +19,7 @@ from helpers import (
     assert_exact,
     campaign_doc,
     count_stored_copies,
+    late_ids,
     nonzero,
     report,
     scrape,
@@ -146,11 +147,7 @@ def test_rebalance_second_worker_joins_then_leaves(broker, broker_kind, tmp_path
 
 def _partial_truth(traffic: Traffic, upto: int):
     """Ground truth of a prefix of the stream."""
-    return from_stream(traffic.events[:upto], traffic.truth.windows, _late_ids(traffic))
-
-
-def _late_ids(traffic: Traffic) -> list[str]:
-    return [e["event_id"] for e in traffic.events if e["event_id"].endswith("-late")]
+    return from_stream(traffic.events[:upto], traffic.truth.windows, late_ids(traffic))
 
 
 @pytest.mark.brokers("tansu", "kafka")
@@ -173,11 +170,8 @@ def test_a_record_the_consumer_skips_and_acknowledges_is_read_again(broker, brok
     newest = max(event["timestamp"] for event in traffic.events)  # not late in any window
     last = dict(traffic.events[-1], event_id="the-last-one", type="click", timestamp=newest + 1)
     acknowledged += asyncio.run(send(worker.url, [last]))
-    tail = Traffic(
-        [*traffic.events, last],
-        from_stream([*traffic.events, last], traffic.truth.windows, _late_ids(traffic)),
-        traffic.campaigns,
-    )
+    events = [*traffic.events, last]
+    tail = Traffic(events, from_stream(events, traffic.truth.windows, late_ids(traffic)), traffic.campaigns)
     docs = wait_for_counts([worker.url], tail)
     assert_exact(docs, tail)
     log = worker.log_path.read_text()

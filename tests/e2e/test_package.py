@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 import httpx
-from conftest import CHECKOUT_VARIABLES
+from conftest import outside_environ
 
 from pipeline.kafka.tansu import free_port
 
@@ -30,7 +30,7 @@ EVENT = {
 
 
 def outside_env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in CHECKOUT_VARIABLES}
+    env = outside_environ()
     return {**env, "PIPELINE_DATA_DIR": str(tmp / "data"), "PIPELINE_ID_SALT": "wheel-test"}
 
 

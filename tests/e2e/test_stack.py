@@ -28,7 +28,6 @@ the workers, equals what `pipeline simulate --expect` wrote, and every count, wi
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import subprocess
@@ -42,9 +41,17 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import CHECKOUT_VARIABLES, WorkerProcess
+from conftest import CHECKOUT_VARIABLES, WorkerProcess, outside_environ
 from deploy_helpers import AlertReceiver, query, running_alertmanager, start_prometheus, stop, wait_ready
-from helpers import assert_exact, count_stored_copies, nonzero, report_counts, scrape, wait_for_counts
+from helpers import (
+    assert_exact,
+    count_stored_copies,
+    metric_sum,
+    nonzero,
+    report_counts,
+    scrape,
+    wait_for_counts,
+)
 
 from pipeline.diagnosis.diagnose import ADVICE
 from pipeline.kafka.local import KafkaCluster
@@ -68,10 +75,9 @@ WINDOW_SIZES = {"5m": 300, "1h": 3600}
 def ingested(worker: WorkerProcess) -> int:
     """Events this worker's ingest acknowledged since it started (0 while it is down)."""
     try:
-        samples = scrape(worker.admin_url)
+        return round(metric_sum(worker.admin_url, "pipeline_events_ingested_total"))
     except httpx.HTTPError:
         return 0
-    return round(sum(v for (name, _), v in samples.items() if name == "pipeline_events_ingested_total"))
 
 
 def wait_ingested(worker: WorkerProcess, at_least: int, sim: subprocess.Popen, log: Path) -> None:
@@ -187,7 +193,7 @@ def stack(installed: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
     outside = tmp / "outside"  # the working directory: nothing of the checkout there
     outside.mkdir()
     sim_env = {
-        **{k: v for k, v in os.environ.items() if k not in CHECKOUT_VARIABLES},
+        **outside_environ(),
         "PIPELINE_INGEST_TOKEN_FILE": env["PIPELINE_INGEST_TOKEN_FILE"],
     }
     # event time: ctr-drop first, ctor-drop after its end, each across an hour boundary (so a

@@ -13,29 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import WorkerProcess
-from helpers import assert_exact, wait_for_counts
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import assert_exact, children, metric_sum, wait_for_counts
 
 from pipeline.ingest.processes import SHARED_COUNTERS_DIR, ingest_process_count
 from pipeline.settings import Settings, SettingsError
 from pipeline.simulation.traffic import generate, send
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def counter(url: str, name: str, **labels: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 def events(n: int, campaign: str, offset: int = 0) -> list[dict]:
@@ -82,12 +64,12 @@ def test_two_ingest_processes_share_the_port_and_one_metrics(broker, tmp_path: P
     }
     assert {str(pid) for pid in ingest} <= counted, (ingest, counted)
     # the sum over both processes, on the public port (forwarded) as on any listener
-    assert counter(worker.url, "pipeline_events_ingested_total", source="canonical") == sent
-    requests = counter(worker.url, "pipeline_http_requests_total", endpoint="/events", status="202")
+    assert metric_sum(worker.url, "pipeline_events_ingested_total", source="canonical") == sent
+    requests = metric_sum(worker.url, "pipeline_http_requests_total", endpoint="/events", status="202")
     assert requests == 40
-    before = counter(worker.url, "pipeline_http_requests_total", endpoint="/metrics")
+    before = metric_sum(worker.url, "pipeline_http_requests_total", endpoint="/metrics")
     # a forwarded request is counted once, by the ingest process that took it
-    assert counter(worker.url, "pipeline_http_requests_total", endpoint="/metrics") == before + 1
+    assert metric_sum(worker.url, "pipeline_http_requests_total", endpoint="/metrics") == before + 1
     campaigns = httpx.get(f"{worker.url}/campaigns/email/shared", timeout=10)
     deadline = time.monotonic() + 60
     while campaigns.status_code != 200 or campaigns.json()["counts"]["click"] != sent:
@@ -108,7 +90,7 @@ def test_two_ingest_processes_share_the_port_and_one_metrics(broker, tmp_path: P
     worker.wait_healthy()
     resp = httpx.post(f"{worker.url}/events", json=events(5, "shared", offset=sent), timeout=30)
     assert resp.status_code == 202
-    assert counter(worker.url, "pipeline_events_ingested_total", source="canonical") == sent + 5
+    assert metric_sum(worker.url, "pipeline_events_ingested_total", source="canonical") == sent + 5
     assert "restarting it" in worker.log()
 
 
@@ -124,8 +106,8 @@ def test_admin_port_with_ingest_processes(broker, tmp_path: Path, workers) -> No
     for path in ("/health", "/metrics", "/campaigns"):
         assert httpx.get(f"{worker.url}{path}", timeout=10).status_code == 404, path
     assert httpx.get(f"{worker.url}/livez", timeout=10).status_code == 200
-    assert counter(worker.admin_url, "pipeline_events_ingested_total", source="canonical") == 30
-    assert counter(worker.admin_url, "pipeline_broker_up") == 1
+    assert metric_sum(worker.admin_url, "pipeline_events_ingested_total", source="canonical") == 30
+    assert metric_sum(worker.admin_url, "pipeline_broker_up") == 1
 
 
 def test_ingest_processes_do_not_outlive_their_worker(broker, tmp_path: Path) -> None:

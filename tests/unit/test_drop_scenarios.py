@@ -8,6 +8,7 @@ tests/e2e/test_stack.py."""
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from pathlib import Path
@@ -25,6 +26,7 @@ START = 1_800_000_000 - 1_800_000_000 % 300  # on a 5-minute boundary, as every 
 WINDOW, LATENESS = 300, 300
 
 
+@functools.cache
 def alert_params() -> dict[tuple[str, str, str], float]:
     """(rate, parameter, channel) -> value, e.g. ("ctr", "floor", "email") -> 0.01."""
     out = {}

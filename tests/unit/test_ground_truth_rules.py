@@ -6,6 +6,7 @@ import random
 
 import orjson
 import pytest
+from helpers import late_ids
 
 from pipeline.events import routing_key, validate_event
 from pipeline.kafka.topics import TOPIC_CODES, partition_for, partition_of_key, raw_topic
@@ -213,8 +214,7 @@ def test_the_simulators_truth_equals_the_stream_oracle():
     from pipeline.simulation.truth import from_stream
 
     traffic = generate(seed=9, subscribers=700, start=1_700_000_000)
-    late = [e["event_id"] for e in traffic.events if e["event_id"].endswith("-late")]
-    stream = from_stream(traffic.events, traffic.truth.windows, late)
+    stream = from_stream(traffic.events, traffic.truth.windows, late_ids(traffic))
     for channel, campaign in traffic.campaigns:
         assert stream.expected(channel, campaign) == traffic.truth.expected(channel, campaign)
 
