@@ -30,7 +30,7 @@ from pipeline.ingest.service import IngestService
 from pipeline.kafka import compat
 from pipeline.kafka.declare import TopicsError, declare_pipeline_topics
 from pipeline.kafka.topics import PARTIALS_TOPIC, RAW_TOPICS
-from pipeline.metrics.collector import FunnelCollector, HealthCounters, LagCollector
+from pipeline.metrics.collector import FunnelCollector, HealthCounters, LagCollector, MovedCollector
 from pipeline.rules.aggregate import CampaignView
 from pipeline.settings import Settings
 from pipeline.stages.topology import Pipeline, create_pipeline
@@ -147,6 +147,9 @@ def build_worker(settings: Settings, loglevel: str = "info") -> tuple[Pipeline, 
     broker_up = (lambda: producer.healthy) if producer is not None else None
     sequencer = pipeline.dedupe.sequencer  # a new account at each assignment: read at scrape time
     registry.register(LagCollector(lambda: consumer_lag(pipeline.app, sequencer.durable), broker_up))
+    registry.register(MovedCollector(lambda: dict(pipeline.dedupe.moved)))
+    # events the stream stages dead-letter (a direct producer's invalid ones) count as the ingest's do
+    pipeline.dead_lettered = lambda reason, n: counters.dead_lettered.labels(reason).inc(n)
     extra_routes = None
     if ingest is not None:
         service = ingest

@@ -3,8 +3,10 @@
 Raw events arrive on one topic per event type. A message is one canonical event (what a
 producer writing to Kafka directly sends, keyed by subscriber) or a JSON array of events
 that all belong on that partition (what the HTTP ingest sends, to spare the stream
-processor its per-message cost). Both paths choose the partition with Kafka's default
-partitioner (murmur2 of the routing key), so they agree.
+processor its per-message cost). The partition an event belongs on is Kafka's default
+partitioner (the Java client's murmur2) of its routing key; the ingest writes it there, and
+the dedupe stage moves an event a direct producer wrote elsewhere (any key, none, another
+client's partitioner) there before deciding anything about it.
 """
 
 from __future__ import annotations
@@ -47,13 +49,23 @@ VALIDATED_HEADER = "funnel-validated"  # set by the ingest on arrays of events i
 VALIDATED_VALUE = b"1"
 
 
+# set by the dedupe stage on the arrays of events it moved to their partition: the stamps
+# of where each arrived (a JSON array, see pipeline.stages.placement)
+MOVED_HEADER = "funnel-moved"
+
+
+def header(headers: object, wanted: str) -> bytes | None:
+    """A header's value (the first of that name), or None."""
+    if not headers:
+        return None
+    if isinstance(headers, dict):
+        return headers.get(wanted)
+    for name, value in headers:  # type: ignore[attr-defined]
+        if name == wanted:
+            return bytes(value)
+    return None
+
+
 def is_validated(headers: object) -> bool:
     """Whether a message carries the ingest's mark (its events need no second validation)."""
-    if not headers:
-        return False
-    if isinstance(headers, dict):
-        return headers.get(VALIDATED_HEADER) == VALIDATED_VALUE
-    for name, value in headers:  # type: ignore[attr-defined]
-        if name == VALIDATED_HEADER:
-            return value == VALIDATED_VALUE
-    return False
+    return header(headers, VALIDATED_HEADER) == VALIDATED_VALUE

@@ -266,6 +266,28 @@ class LagCollector(Collector):
 BROKER_UP_HELP = "1 when the broker acknowledges this worker"
 
 
+class MovedCollector(Collector):
+    """Events this worker's dedupe stage moved to their subscriber's partition, per raw topic
+    (they arrived where a direct producer put them: no key, another partitioner)."""
+
+    def __init__(self, moved: Callable[[], dict[str, int]]) -> None:
+        self.moved = moved
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "pipeline_records_moved",
+            "Events that arrived on a raw topic partition other than their subscriber's and were "
+            "moved to it before being counted",
+            labels=["topic"],
+        )
+        for topic, count in sorted(self.moved().items()):
+            family.add_metric([topic], count)
+        yield family
+
+
 class HealthCounters:
     """Counters of the ingest side.
 

@@ -61,12 +61,49 @@ _STAMP_MARK = 1 << TOPIC_BITS
 _TOPIC_MASK = _STAMP_MARK - 1
 
 
+# An event moved from the partition it arrived on to its subscriber's (a direct producer
+# that partitions otherwise) keeps the stamp of where it arrived: its topic code plus
+# MOVED_CODE, and its origin partition in the low bits of its position. Its decisions are
+# then those of its first arrival: a copy moved again (the origin replayed after a crash)
+# finds its own stamp, as a replay does, while a redelivery arrives elsewhere and is a
+# duplicate. Positions are compared per (topic, origin partition), the order the origin was
+# read in, so a partial keeps one position per origin partition for moved events.
+# A stamp is stored as a 64-bit integer, so the origin must fit: an offset below 2**40, an
+# index in its record below 128 (direct producers write one event per record), a partition
+# below 1,024 (:func:`moved_stamp_of` returns None otherwise, and the event is stamped where
+# it lands: still counted once, a copy moved again is then dropped as a duplicate).
+MOVED_CODE = 32  # topic codes 0-31 are the raw topics as read, 32-63 the same moved
+MOVED_OFFSET_BITS, MOVED_INDEX_BITS, MOVED_PARTITION_BITS = 40, 7, 10
+_PARTITION_MASK = (1 << MOVED_PARTITION_BITS) - 1
+
+
 def stamp_of(topic_code: int, offset: int, index: int) -> Stamp:
     return _stamp(topic_code, offset * STAMP_SPAN + index)
 
 
+def moved_stamp_of(topic_code: int, partition: int, offset: int, index: int) -> Stamp | None:
+    """The stamp of an event read at (topic, partition, offset, index) and moved to another
+    partition; None when the origin does not fit a stamp (see :data:`MOVED_CODE`)."""
+    if offset >> MOVED_OFFSET_BITS or index >> MOVED_INDEX_BITS or partition >> MOVED_PARTITION_BITS:
+        return None
+    position = ((offset << MOVED_INDEX_BITS | index) << MOVED_PARTITION_BITS) | partition
+    return _stamp(MOVED_CODE | topic_code, position)
+
+
 def _stamp(topic_code: int, position: int) -> Stamp:
     return (position << STAMP_SHIFT) | _STAMP_MARK | topic_code
+
+
+_MOVED_KEYS: dict[tuple[int, int], str] = {}
+
+
+def _moved_key(code: int, position: int) -> str:
+    """The positions key of a moved event: "<code>.<origin partition>"."""
+    origin = (code, position & _PARTITION_MASK)
+    key = _MOVED_KEYS.get(origin)
+    if key is None:
+        key = _MOVED_KEYS[origin] = f"{code}.{origin[1]}"
+    return key
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +149,9 @@ def apply(
     and applying it to an older partial (a replay after a crash) adds exactly what it added
     the first time, from what the record remembers.
     """
-    tkey = _TOPIC_KEYS[stamp & _TOPIC_MASK]
+    code = stamp & _TOPIC_MASK
     position = stamp >> STAMP_SHIFT
+    tkey = _TOPIC_KEYS[code] if code < MOVED_CODE else _moved_key(code, position)
     positions = partial.positions
     if positions.get(tkey, -1) >= position:
         return False  # this partial already counted it (replay after a crash)

@@ -32,10 +32,12 @@ import faust
 import orjson
 
 from pipeline import failpoints
-from pipeline.events import EventError, validate_event
-from pipeline.kafka.topics import RAW_TOPICS, TOPIC_CODES, is_validated, partition_of_key
-from pipeline.rules.dedupe import STAMP_SHIFT, STAMP_SPAN, Rules, apply, stamp_of
+from pipeline.events import EventError, routing_key, validate_event
+from pipeline.kafka.compat import RecordRun, app_producer
+from pipeline.kafka.topics import RAW_TOPICS, TOPIC_CODES, is_validated, partition_for, partition_of_key
+from pipeline.rules.dedupe import STAMP_SHIFT, STAMP_SPAN, Rules, apply, moved_stamp_of, stamp_of
 from pipeline.settings import Settings
+from pipeline.stages.placement import Moves, moved_stamps, send_moves
 from pipeline.stages.sequence import Sequencer
 from pipeline.state import codec
 from pipeline.state.bulk_table import BulkTable, group_by_partition, partition_count, send_values
@@ -116,6 +118,8 @@ class DedupeStage:
         self.sequencer = Sequencer()
         self.seek: Callable[[Any, int], Awaitable[bool]] | None = None  # set by the topology
         self._unassigned_logged: set[Hashable] = set()
+        self.moved: dict[str, int] = {}  # topic -> events moved to their partition (acknowledged)
+        self._misplaced_logged: set[str] = set()
 
     async def process_in_order(self, events: list[faust.types.EventT]) -> int:
         """:meth:`process_batch` for the records that come in offset order (:mod:`.sequence`).
@@ -128,7 +132,7 @@ class DedupeStage:
             event.ack()  # as Faust does with a stale generation's record: skipped and acknowledged
         sequencer = self.sequencer
         admission = sequencer.admit(
-            ((event.message.tp, event.message.offset, event) for event in events), time.monotonic()
+            ((event.message.tp, *first_and_last_offset(event), event) for event in events), time.monotonic()
         )
         if admission.left_out:
             events[:] = admission.admitted
@@ -186,7 +190,8 @@ class DedupeStage:
         size = 0
         for event in events:
             current.append(event)
-            size += len(event.value or b"")
+            value = event.value
+            size += value.size if isinstance(value, RecordRun) else len(value or b"")
             if size >= CHUNK_BYTES:
                 out.append(current)
                 current, size = [], 0
@@ -231,6 +236,7 @@ class DedupeStage:
         now = time.time()
         acks: list[asyncio.Future] = []
         stored: list[tuple[int, faust.types.EventT, dict[bytes, tuple[Partial, bytes]]]] = []
+        moves = Moves()
         # the work on a batch creates many small containers and no reference cycles: the
         # cyclic collector would walk every live record again and again for nothing
         collecting = gc.isenabled()
@@ -240,7 +246,7 @@ class DedupeStage:
             # I/O thread, then apply each partition while the previous one is being written
             reads: deque = deque()  # taken from the front, so each partition's events are freed once applied
             for partition, group in group_by_partition(events).items():
-                decoded = self._decode(group, partition, rejected, now)
+                decoded = self._decode(group, partition, rejected, now, moves)
                 rkeys = list(decoded.last)
                 reading = self._records.read_later(partition, rkeys, group[0])
                 legacy = self._records.any_key_from_later(partition, codec.LEGACY_RECORD_KEYS_FROM, group[0])
@@ -264,7 +270,9 @@ class DedupeStage:
         finally:
             if collecting:
                 gc.enable()
-        return applied, asyncio.ensure_future(self._finish(previous, acks, stored, rejected))
+        if moves:
+            self._note_misplaced(moves)
+        return applied, asyncio.ensure_future(self._finish(previous, acks, stored, rejected, moves))
 
     async def _finish(
         self,
@@ -272,9 +280,13 @@ class DedupeStage:
         record_acks: list[asyncio.Future],
         stored: list[tuple[int, faust.types.EventT, dict[bytes, tuple[Partial, bytes]]]],
         rejected: list,
+        moves: Moves,
     ) -> None:
         if previous is not None:
-            await previous  # partials and snapshots go out in chunk order
+            await previous  # partials, snapshots and moved events go out in chunk order
+        moving = (
+            asyncio.ensure_future(send_moves(app_producer(self.partials_topic.app), moves)) if moves else None
+        )
         # records acknowledged before partials are written: a partial never counts what its
         # records lack, not even in a changelog replayed onto an empty store
         for fut in record_acks:
@@ -299,6 +311,26 @@ class DedupeStage:
             await self.dead_letters(rejected)
         for fut in snapshots:
             await fut  # the aggregator's input is acknowledged before our offsets move
+        if moving is not None:
+            await moving  # so are the moved events
+            for topic, count in moves.counts().items():
+                self.moved[topic] = self.moved.get(topic, 0) + count
+
+    def _note_misplaced(self, moves: Moves) -> None:
+        """Say once per topic that a producer's placement is off, and what is done about it."""
+        for topic, (arrived, target) in moves.example.items():
+            if topic in self._misplaced_logged:
+                continue
+            self._misplaced_logged.add(topic)
+            log.warning(
+                "%s: an event of partition %d arrived on partition %d: its producer does not place "
+                "events by murmur2 of subscriber_id as the ingest does (no key, another key or another "
+                "partitioner); such events are moved to their partition before they are counted "
+                "(pipeline_records_moved_total)",
+                topic,
+                target,
+                arrived,
+            )
 
     async def _read_legacy(
         self, partition: int, event: faust.types.EventT, decoded: Decoded, stored: dict[bytes, bytes | None]
@@ -322,51 +354,73 @@ class DedupeStage:
             )
         return moved
 
-    def _decode(self, group: list[faust.types.EventT], partition: int, rejected: list, now: float) -> Decoded:
-        """Every valid event of the group, in order, with its stamp, campaign and record keys."""
+    def _decode(
+        self, group: list[faust.types.EventT], partition: int, rejected: list, now: float, moves: Moves
+    ) -> Decoded:
+        """Every valid event of the group that belongs on this partition, in order, with its
+        stamp, campaign and record keys; the events that belong on another go to ``moves``."""
         skew = self.settings.max_future_skew
+        partitions = self.settings.partitions
         decoded = Decoded()
         out = decoded.events
         append = out.append
         last = decoded.last
         campaigns = decoded.campaigns
         for message_event in group:
-            message = message_event.message
-            code = TOPIC_CODES.get(message.topic)
-            value = message_event.value
-            try:
-                doc = _loads(value)
-            except (orjson.JSONDecodeError, TypeError):
-                rejected.append((value, "malformed_message", _where(message, partition)))
-                continue
-            items = doc if isinstance(doc, list) else [doc]
-            if code is None or len(items) > STAMP_SPAN:
-                rejected.append((items, "message_too_large", _where(message, partition)))
-                continue
-            first = stamp_of(code, message.offset, 0)
-            trusted = is_validated(message.headers) and isinstance(doc, list)
-            for index, item in enumerate(items):
-                if not (trusted and type(item) is dict and type(item.get("timestamp")) is float):
-                    # a direct producer's event (or not what the ingest writes): validate it
-                    item = self._validated(item, index, message, partition, now, skew, rejected)
-                    if item is None:
-                        continue
-                channel, campaign = item["channel"], item["campaign_id"]
-                ckey = campaign_key(channel, campaign)
-                rkey = record_key(channel, campaign, item.get("subscriber_id"), item["event_id"])
-                last[rkey] = len(out)
-                campaigns[ckey] = None
-                append((item, first + (index << STAMP_SHIFT), ckey, rkey))
+            topic = message_event.message.topic
+            code = TOPIC_CODES.get(topic)
+            for record in _records_of(message_event):
+                value = record.value
+                offset = record.offset
+                try:
+                    doc = _loads(value)
+                except (orjson.JSONDecodeError, TypeError):
+                    rejected.append((value, "malformed_message", _where(topic, partition, offset)))
+                    continue
+                items = doc if isinstance(doc, list) else [doc]
+                if code is None or len(items) > STAMP_SPAN:
+                    rejected.append((items, "message_too_large", _where(topic, partition, offset)))
+                    continue
+                first = stamp_of(code, offset, 0)
+                trusted = isinstance(doc, list) and is_validated(record.headers)
+                stamps = moved_stamps(record.headers, len(items)) if trusted else None
+                for index, item in enumerate(items):
+                    if not (trusted and type(item) is dict and type(item.get("timestamp")) is float):
+                        # a direct producer's event (or not what the ingest writes): validate it,
+                        # and move it if it belongs on another partition
+                        item = self._validated(item, index, record, topic, partition, now, skew, rejected)
+                        if item is None:
+                            continue
+                        if not trusted:
+                            target = partition_for(routing_key(item), partitions)
+                            if target != partition:
+                                moves.add(
+                                    topic,
+                                    partition,
+                                    target,
+                                    item,
+                                    moved_stamp_of(code, partition, offset, index),
+                                )
+                                continue
+                    stamp = first + (index << STAMP_SHIFT)
+                    if stamps is not None:
+                        stamp = stamps[index] or stamp
+                    channel, campaign = item["channel"], item["campaign_id"]
+                    ckey = campaign_key(channel, campaign)
+                    rkey = record_key(channel, campaign, item.get("subscriber_id"), item["event_id"])
+                    last[rkey] = len(out)
+                    campaigns[ckey] = None
+                    append((item, stamp, ckey, rkey))
         return decoded
 
     @staticmethod
-    def _validated(item, index, message, partition, now, skew, rejected) -> dict[str, Any] | None:
-        # "future" is judged against the message's own time, so a replay decides the same
-        produced_at = message.timestamp or now
+    def _validated(item, index, record, topic, partition, now, skew, rejected) -> dict[str, Any] | None:
+        # "future" is judged against the record's own time, so a replay decides the same
+        produced_at = record.timestamp / 1000 if record.timestamp else now
         try:
             return validate_event(item, produced_at, skew)
         except EventError as exc:
-            rejected.append((item, exc.reason, {**_where(message, partition), "index": index}))
+            rejected.append((item, exc.reason, {**_where(topic, partition, record.offset), "index": index}))
             return None
 
     def _apply_partition(
@@ -475,5 +529,33 @@ class DedupeStage:
         return len(snapshots)
 
 
-def _where(message: Any, partition: int) -> dict[str, Any]:
-    return {"topic": message.topic, "partition": partition, "offset": message.offset}
+def _records_of(event: faust.types.EventT) -> list[Any]:
+    """The records a stream event carries: a run of them (as the consumer hands the raw topics
+    over, :class:`~pipeline.kafka.compat.RecordRun`), or the event's own message."""
+    value = event.value
+    if isinstance(value, RecordRun):
+        return value.records
+    message = event.message
+    timestamp = int(message.timestamp * 1000) if message.timestamp else None
+    return [_Record(message.offset, message.value, message.headers, timestamp)]
+
+
+class _Record:
+    """A message's fields as an aiokafka record has them (offset, value, headers, ms timestamp)."""
+
+    __slots__ = ("headers", "offset", "timestamp", "value")
+
+    def __init__(self, offset: int, value: Any, headers: Any, timestamp: int | None) -> None:
+        self.offset, self.value, self.headers, self.timestamp = offset, value, headers, timestamp
+
+
+def first_and_last_offset(event: faust.types.EventT) -> tuple[int, int]:
+    """The offsets of the first and last record an event carries."""
+    value = event.value
+    if isinstance(value, RecordRun):
+        return value.first_offset, value.last_offset
+    return event.message.offset, event.message.offset
+
+
+def _where(topic: str, partition: int, offset: int) -> dict[str, Any]:
+    return {"topic": topic, "partition": partition, "offset": offset}

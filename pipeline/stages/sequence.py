@@ -65,12 +65,15 @@ class Sequencer:
         self._seeking.clear()
         self._progress.clear()
 
-    def admit(self, records: Iterable[tuple[Hashable, int, Any]], now: float) -> Admission:
-        """Sort a batch of ``(tp, offset, item)`` into items to apply and seeks to make."""
+    def admit(self, records: Iterable[tuple[Hashable, int, int, Any]], now: float) -> Admission:
+        """Sort a batch of ``(tp, first offset, last offset, item)`` into items to apply and
+        seeks to make. An item is a run of records, in offset order, as one fetch returned them
+        (:class:`pipeline.kafka.compat.RecordRun`; a single record has first == last): offsets
+        missing between them are none the log holds (transaction markers), not holes."""
         out = Admission()
         holed: set[Hashable] = set()
         expected = self.expected
-        for tp, offset, item in records:
+        for tp, first, last, item in records:
             if tp in holed:
                 out.left_out += 1
                 continue
@@ -81,12 +84,12 @@ class Sequencer:
                 out.left_out += 1
                 out.unassigned.add(tp)
                 continue
-            if offset < want:
+            if last < want:
                 out.admitted.append(item)  # a replay: the rules add nothing twice
                 continue
-            if offset == want:
+            if first <= want:  # what it holds below ``want`` is a replay, the rest is next
                 out.admitted.append(item)
-                expected[tp] = want + 1
+                expected[tp] = last + 1
                 self._seeking.pop(tp, None)
                 continue
             holed.add(tp)

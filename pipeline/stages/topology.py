@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,7 @@ from pipeline.stages.dedupe import DedupeStage
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+STREAM_BUFFER_MESSAGES = 64
 # per partition database; the subscriber records are the large state (10 M subscribers)
 ROCKSDB_LARGE = {
     "write_buffer_size": 16 * MiB,
@@ -52,6 +55,8 @@ class Pipeline:
     dead_letter_topic: faust.TopicT
     # every topic the worker reads or writes, created before it subscribes (pipeline.kafka.declare)
     topics: list[faust.TopicT] = field(default_factory=list)
+    # told (reason, events) after the stages dead-lettered events (the worker counts them)
+    dead_lettered: Callable[[str, int], None] | None = None
 
     def consuming(self) -> bool:
         app = self.app
@@ -84,7 +89,9 @@ def create_pipeline(settings: Settings) -> Pipeline:
         producer_acks=-1,
         broker_commit_every=10_000,
         broker_commit_interval=1.0,
-        stream_buffer_maxsize=settings.batch_max * 2,
+        # messages queued per stream: a raw topic's are runs of records, up to a fetch of a
+        # partition each (compat.deliver_in_runs), so a few dozen are tens of MiB under a backlog
+        stream_buffer_maxsize=STREAM_BUFFER_MESSAGES,
         consumer_max_fetch_size=4 * 1024 * 1024,  # ~25,000 ingest-batched events per partition
         producer_max_batch_size=1024 * 1024,
         # a revoked partition is handed over only after the batch in progress is acknowledged:
@@ -100,6 +107,7 @@ def create_pipeline(settings: Settings) -> Pipeline:
         logging_config=None,
     )
     raw = app.topic(*RAW_TOPICS, key_serializer="raw", value_serializer="raw")
+    compat.deliver_in_runs(app, RAW_TOPICS)  # a fetch's records of a partition: one stream event
     partials_topic = app.topic(
         PARTIALS_TOPIC, key_serializer="raw", value_serializer="raw", partitions=settings.partitions
     )
@@ -123,6 +131,9 @@ def create_pipeline(settings: Settings) -> Pipeline:
         ]
         for fut in futures:
             await fut
+        if pipeline.dead_lettered is not None:
+            for reason, count in Counter(reason for _, reason, _ in rejected).items():
+                pipeline.dead_lettered(reason, count)
 
     dedupe = DedupeStage(settings, subscribers, partials, partials_topic, dead_letter)
     dedupe.seek = lambda tp, offset: compat.seek(app, tp, offset)

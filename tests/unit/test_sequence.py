@@ -9,7 +9,12 @@ A, B = ("funnel.raw.click", 0), ("funnel.raw.open", 1)
 
 
 def batch(*records):
-    return [(tp, offset, (tp, offset)) for tp, offset in records]
+    return [(tp, offset, offset, (tp, offset)) for tp, offset in records]
+
+
+def runs(*records):
+    """Runs of records (tp, first, last), as a fetch hands them over."""
+    return [(tp, first, last, (tp, first, last)) for tp, first, last in records]
 
 
 def test_in_order_records_are_applied_and_become_committable_once_durable():
@@ -87,3 +92,27 @@ def test_a_partition_whose_next_record_never_arrives_is_sought_back():
     assert seq.stalled(ends, now=STALL_AFTER + 0.3) == {}
     seq.admit(batch((A, 5)), now=STALL_AFTER + 0.4)
     assert seq.stalled(ends, now=10 * STALL_AFTER) == {}
+
+
+def test_a_run_is_applied_whole_when_it_holds_the_next_offset():
+    seq = Sequencer()
+    seq.reset({A: 10})
+    out = seq.admit(runs((A, 10, 19), (A, 20, 20)), now=0)
+    assert out.admitted == [(A, 10, 19), (A, 20, 20)] and seq.expected[A] == 21
+    # after a seek back to a committed offset inside an earlier run: the run that starts
+    # below the expected offset and reaches past it is partly a replay, partly new
+    seq.reset({A: 15})
+    out = seq.admit(runs((A, 15, 30)), now=0)
+    assert out.admitted == [(A, 15, 30)] and seq.expected[A] == 31
+    out = seq.admit(runs((A, 3, 12)), now=0)
+    assert out.admitted == [(A, 3, 12)] and seq.expected[A] == 31  # all a replay
+    # offsets the log does not hold between a run's records (transaction markers) are no hole
+    out = seq.admit(runs((A, 31, 40)), now=0)
+    assert out.left_out == 0 and seq.expected[A] == 41
+
+
+def test_a_run_beyond_the_next_offset_is_a_hole():
+    seq = Sequencer()
+    seq.reset({A: 10})
+    out = seq.admit(runs((A, 12, 20), (A, 21, 25)), now=0)
+    assert out.admitted == [] and out.left_out == 2 and out.seeks == {A: 10}
