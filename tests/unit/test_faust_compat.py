@@ -157,3 +157,53 @@ def test_seek_and_highwater_keep_their_signatures():
     assert list(inspect.signature(faust_aiokafka.Consumer.highwater).parameters) == ["self", "tp"]
     # the assignment's start offsets come from the thread's seek, which the patch replaces
     assert "seek_to_committed" in inspect.getsource(consumer.perform_seek)
+
+
+def _records(topic: str, partition: int, offsets: list[int]) -> list[aiokafka.structs.ConsumerRecord]:
+    return [
+        aiokafka.structs.ConsumerRecord(
+            topic, partition, offset, 1_700_000_000_000 + offset, 0, None, b"{}", None, -1, 2, ()
+        )
+        for offset in offsets
+    ]
+
+
+def test_the_fetch_is_where_runs_are_made():
+    # Consumer._getmany(self, active_partitions, timeout) -> {tp: [records]}, wrapped
+    assert list(inspect.signature(faust_aiokafka.Consumer._getmany).parameters) == [
+        "self",
+        "active_partitions",
+        "timeout",
+    ]
+    assert "self._getmany(" in inspect.getsource(faust.transport.consumer.Consumer._wait_next_records)
+    # _add_gap(self, tp, offset_from, offset_to), inclusive, as the drain loop calls it for skipped offsets
+    assert list(inspect.signature(faust.transport.consumer.Consumer._add_gap).parameters) == [
+        "self",
+        "tp",
+        "offset_from",
+        "offset_to",
+    ]
+    assert "await self._add_gap(tp, r_offset + 1, offset)" in inspect.getsource(
+        faust.transport.consumer.Consumer._drain_messages
+    )
+
+
+async def test_a_run_is_one_message_and_its_ack_commits_every_offset_of_it(app):
+    """The run reaches the stream as one message (offset: its last record's; value: the run,
+    which the raw codec passes through), and once Faust has the run's earlier offsets as a gap,
+    acknowledging it makes every offset up to its last committable."""
+    consumer = app.consumer
+    tp = faust.types.TP("funnel.raw.click", 0)
+    records = _records(tp.topic, 0, [0, 1, 2, 5, 6])  # 3-4: offsets the log does not hold
+    message = consumer._to_message(tp, compat._as_run(records))
+    run = app.serializers.loads_value(None, message.value, serializer="raw")
+    assert isinstance(run, compat.RecordRun) and run.records == records
+    assert (message.offset, run.first_offset, run.last_offset, run.size) == (6, 0, 6, 10)
+    await consumer._add_gap(tp, 0, 5)  # what the wrapped _getmany registers for a run
+    consumer._acked[tp].append(6)  # what acknowledging the run's message adds
+    assert consumer._new_offset(tp) == 7
+    # the next run of the partition: its gap and its ack commit up to its end
+    await consumer._add_gap(tp, 7, 9)
+    consumer._acked[tp].append(10)
+    consumer._committed_offset[tp] = 7
+    assert consumer._new_offset(tp) == 11
