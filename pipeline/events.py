@@ -159,26 +159,35 @@ def validate_events(
     latest = now + max_future_skew
     valid: list[dict[str, Any]] = []
     rejected: list[tuple[int, str]] = []
-    try:
-        whole = bool(_BATCH_VALIDATOR.is_valid(items))
-    except _UNCHECKABLE:
-        whole = False
-    if not whole:
+    if not schema_valid_all(items):
         for index, item in enumerate(items):
             try:
                 valid.append(validate_event(item, now, max_future_skew))
             except EventError as exc:
                 rejected.append((index, exc.reason))
         return valid, rejected
-    fields = FIELDS
     append = valid.append
     for index, item in enumerate(items):
-        event = item if item.keys() <= fields else {k: v for k, v in item.items() if k in fields}
         try:
-            append(_normalised(event, latest))
+            append(normalise_schema_valid(item, latest))
         except EventError as exc:
             rejected.append((index, exc.reason))
     return valid, rejected
+
+
+def schema_valid_all(items: list[Any]) -> bool:
+    """Whether every item passes the schema, checked in one call for the whole list."""
+    try:
+        return bool(_BATCH_VALIDATOR.is_valid(items))
+    except _UNCHECKABLE:
+        return False
+
+
+def normalise_schema_valid(item: dict[str, Any], latest: float) -> dict[str, Any]:
+    """:func:`validate_event` for an item the schema accepted (:func:`schema_valid_all`):
+    known fields only, epoch seconds, no later than ``latest``; normalised in place."""
+    event = item if item.keys() <= FIELDS else {k: v for k, v in item.items() if k in FIELDS}
+    return _normalised(event, latest)
 
 
 def routing_key(event: dict[str, Any]) -> str:

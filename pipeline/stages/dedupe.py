@@ -32,7 +32,7 @@ import faust
 import orjson
 
 from pipeline import failpoints
-from pipeline.events import EventError, routing_key, validate_event
+from pipeline.events import EventError, normalise_schema_valid, routing_key, schema_valid_all, validate_event
 from pipeline.kafka.compat import RecordRun, app_producer
 from pipeline.kafka.topics import RAW_TOPICS, TOPIC_CODES, is_validated, partition_for, partition_of_key
 from pipeline.rules.dedupe import STAMP_SHIFT, STAMP_SPAN, Rules, apply, moved_stamp_of, stamp_of
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 16 * 1024 * 1024
 SNAPSHOT_MESSAGE_BYTES = 256 * 1024  # a message of the partials topic ends once its snapshots reach this
 _loads = orjson.loads
+_MALFORMED = object()  # a record whose value is not JSON (dead-lettered)
 
 
 def _compact(encoded: bytes) -> bytes:
@@ -78,6 +79,16 @@ class Decoded:
         self.events: list[tuple[dict[str, Any], int, bytes, bytes]] = []
         self.last: dict[bytes, int] = {}
         self.campaigns: dict[bytes, None] = {}
+
+    def add(self, item: dict[str, Any], stamp: int) -> None:
+        """An event to apply, in order."""
+        channel, campaign = item["channel"], item["campaign_id"]
+        ckey = campaign_key(channel, campaign)
+        rkey = record_key(channel, campaign, item.get("subscriber_id"), item["event_id"])
+        events = self.events
+        self.last[rkey] = len(events)
+        self.campaigns[ckey] = None
+        events.append((item, stamp, ckey, rkey))
 
     def legacy_keys(self, rkeys: list[bytes]) -> list[bytes]:
         """The keys these records had before record keys were collision-free."""
@@ -358,70 +369,94 @@ class DedupeStage:
         self, group: list[faust.types.EventT], partition: int, rejected: list, now: float, moves: Moves
     ) -> Decoded:
         """Every valid event of the group that belongs on this partition, in order, with its
-        stamp, campaign and record keys; the events that belong on another go to ``moves``."""
+        stamp, campaign and record keys; the events that belong on another go to ``moves``.
+
+        A direct producer's record holds one event (a JSON object): the records of a run are
+        decoded first, their events' schema checked in one call, then each is normalised,
+        placed and added inline (this loop is the per-record cost of direct producers). The
+        ingest's arrays, and anything else, go through :meth:`_decode_record`.
+        """
+        decoded = Decoded()
+        add = decoded.add
         skew = self.settings.max_future_skew
         partitions = self.settings.partitions
-        decoded = Decoded()
-        out = decoded.events
-        append = out.append
-        last = decoded.last
-        campaigns = decoded.campaigns
         for message_event in group:
             topic = message_event.message.topic
-            code = TOPIC_CODES.get(topic)
-            for record in _records_of(message_event):
-                value = record.value
-                offset = record.offset
+            code = TOPIC_CODES.get(topic, -1)  # -1: not a raw topic (_decode_record rejects it)
+            records = _records_of(message_event)
+            docs: list[Any] = []
+            for record in records:
                 try:
-                    doc = _loads(value)
+                    docs.append(_loads(record.value))
                 except (orjson.JSONDecodeError, TypeError):
-                    rejected.append((value, "malformed_message", _where(topic, partition, offset)))
+                    where = _where(topic, partition, record.offset)
+                    rejected.append((record.value, "malformed_message", where))
+                    docs.append(_MALFORMED)
+            singles = [doc for doc in docs if type(doc) is dict]
+            singles_valid = code >= 0 and bool(singles) and schema_valid_all(singles)
+            for record, doc in zip(records, docs, strict=True):
+                if type(doc) is not dict or not singles_valid:
+                    if doc is not _MALFORMED:
+                        self._decode_record(record, doc, topic, partition, decoded, rejected, now, moves)
                     continue
-                items = doc if isinstance(doc, list) else [doc]
-                if code is None or len(items) > STAMP_SPAN:
-                    rejected.append((items, "message_too_large", _where(topic, partition, offset)))
+                offset = record.offset
+                # "future" is judged against the record's own time, so a replay decides the same
+                latest = (record.timestamp / 1000 if record.timestamp else now) + skew
+                try:
+                    item = normalise_schema_valid(doc, latest)
+                except EventError as exc:
+                    rejected.append((doc, exc.reason, {**_where(topic, partition, offset), "index": 0}))
                     continue
-                first = stamp_of(code, offset, 0)
-                trusted = isinstance(doc, list) and is_validated(record.headers)
-                stamps = moved_stamps(record.headers, len(items)) if trusted else None
-                for index, item in enumerate(items):
-                    if not (trusted and type(item) is dict and type(item.get("timestamp")) is float):
-                        # a direct producer's event (or not what the ingest writes): validate it,
-                        # and move it if it belongs on another partition
-                        item = self._validated(item, index, record, topic, partition, now, skew, rejected)
-                        if item is None:
-                            continue
-                        if not trusted:
-                            target = partition_for(routing_key(item), partitions)
-                            if target != partition:
-                                moves.add(
-                                    topic,
-                                    partition,
-                                    target,
-                                    item,
-                                    moved_stamp_of(code, partition, offset, index),
-                                )
-                                continue
-                    stamp = first + (index << STAMP_SHIFT)
-                    if stamps is not None:
-                        stamp = stamps[index] or stamp
-                    channel, campaign = item["channel"], item["campaign_id"]
-                    ckey = campaign_key(channel, campaign)
-                    rkey = record_key(channel, campaign, item.get("subscriber_id"), item["event_id"])
-                    last[rkey] = len(out)
-                    campaigns[ckey] = None
-                    append((item, stamp, ckey, rkey))
+                target = partition_for(routing_key(item), partitions)
+                if target == partition:
+                    add(item, stamp_of(code, offset, 0))
+                else:
+                    moves.add(topic, partition, target, item, moved_stamp_of(code, partition, offset, 0))
         return decoded
 
-    @staticmethod
-    def _validated(item, index, record, topic, partition, now, skew, rejected) -> dict[str, Any] | None:
-        # "future" is judged against the record's own time, so a replay decides the same
+    def _decode_record(
+        self,
+        record: Any,
+        doc: Any,
+        topic: str,
+        partition: int,
+        decoded: Decoded,
+        rejected: list,
+        now: float,
+        moves: Moves,
+    ) -> None:
+        """One record's events into ``decoded`` (or ``moves``, or ``rejected``), validated one
+        by one unless they are the ingest's (or moved here by this stage)."""
+        code = TOPIC_CODES.get(topic)
+        offset = record.offset
+        items = doc if isinstance(doc, list) else [doc]
+        if code is None or len(items) > STAMP_SPAN:
+            rejected.append((items, "message_too_large", _where(topic, partition, offset)))
+            return
+        first = stamp_of(code, offset, 0)
+        # the ingest's arrays (and the events this stage moved) are validated and on their partition
+        trusted = isinstance(doc, list) and is_validated(record.headers)
+        stamps = moved_stamps(record.headers, len(items)) if trusted else None
         produced_at = record.timestamp / 1000 if record.timestamp else now
-        try:
-            return validate_event(item, produced_at, skew)
-        except EventError as exc:
-            rejected.append((item, exc.reason, {**_where(topic, partition, record.offset), "index": index}))
-            return None
+        for index, item in enumerate(items):
+            if not (trusted and type(item) is dict and type(item.get("timestamp")) is float):
+                # a direct producer's event (or not what the ingest writes): validate it, and
+                # move it if it belongs on another partition
+                try:
+                    item = validate_event(item, produced_at, self.settings.max_future_skew)
+                except EventError as exc:
+                    rejected.append((item, exc.reason, {**_where(topic, partition, offset), "index": index}))
+                    continue
+                if not trusted:
+                    target = partition_for(routing_key(item), self.settings.partitions)
+                    if target != partition:
+                        stamp = moved_stamp_of(code, partition, offset, index)
+                        moves.add(topic, partition, target, item, stamp)
+                        continue
+            stamp = first + (index << STAMP_SHIFT)
+            if stamps is not None:
+                stamp = stamps[index] or stamp
+            decoded.add(item, stamp)
 
     def _apply_partition(
         self,
