@@ -32,7 +32,7 @@ from typing import Any
 from aiokafka.client import AIOKafkaClient
 from aiokafka.protocol.metadata import MetadataRequest
 
-from pipeline.kafka.tansu import free_port
+from pipeline.kafka.tansu import free_ports
 
 KAFKA_VERSION = "4.4.0"  # the default; docker-compose.yml and deploy/kubernetes pin the same
 TESTED_VERSIONS = ("4.4.0", "3.9.1")
@@ -194,11 +194,12 @@ class KafkaCluster:
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory).resolve()
+        ports = [] if self.port else free_ports(2 * self.brokers)
         for index in range(self.brokers):
             if self.port:
                 port, controller_port = self.port + index, self.port + 100 + index
             else:
-                port, controller_port = free_port(), free_port()
+                port, controller_port = ports[2 * index], ports[2 * index + 1]
             directory = self.directory / f"node-{index + 1}"
             self.nodes.append(KafkaNode(index + 1, port, controller_port, directory))
 
