@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip",
         default="",
         help="comma-separated phases to skip: "
-        "topology,ceiling,baseline,ingest,latency,memory,scale,sustained",
+        "topology,direct,ceiling,baseline,ingest,latency,memory,scale,sustained",
     )
     bench.add_argument(
         "--sustained-brokers",

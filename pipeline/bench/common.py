@@ -125,6 +125,45 @@ async def produce_single(broker: str, topic: str, events: list[dict[str, Any]], 
         await producer.stop()
 
 
+async def produce_direct(
+    broker: str, events: list[dict[str, Any]], *, misplaced: bool = False, partitions: int = 4
+) -> tuple[float, int]:
+    """One canonical event per record on its raw topic, keyed by subscriber: what a Kafka client
+    writing directly sends. Each record goes to the partition the rule gives
+    (``partition_for(routing_key(event))``, where aiokafka's default partitioner puts the key),
+    or with ``misplaced`` to another one: the n-th record to ``right + 1 + n % (partitions - 1)``,
+    so a subscriber's records, and an event and its redeliveries, spread over the wrong
+    partitions (counted where they land, they would not be exact). Returns the seconds it took
+    and how many records the broker acknowledged on a partition other than their right one."""
+    from aiokafka import AIOKafkaProducer
+
+    from pipeline.events import routing_key
+    from pipeline.kafka.topics import partition_for, raw_topic
+
+    producer = AIOKafkaProducer(bootstrap_servers=broker, acks="all", linger_ms=5, enable_idempotence=False)
+    await producer.start()
+    started = time.perf_counter()
+    try:
+        futures = []
+        right = []
+        for n, event in enumerate(events):
+            key = routing_key(event)
+            partition = partition_for(key, partitions)
+            right.append(partition)
+            if misplaced:
+                partition = (partition + 1 + n % (partitions - 1)) % partitions
+            futures.append(
+                await producer.send(
+                    raw_topic(event["type"]), orjson.dumps(event), key=key.encode(), partition=partition
+                )
+            )
+        acked = await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    elsewhere = sum(meta.partition != want for meta, want in zip(acked, right, strict=True))
+    return time.perf_counter() - started, elsewhere
+
+
 async def create_topics(broker: str, topics: list[str], partitions: int = 4) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 

@@ -7,6 +7,8 @@ one node on loopback), one after the other on the same events:
 1. broker A: the workload is produced once as the ingest produces it (batched per
    partition) and its first ``--baseline-events`` once more as one-event messages;
    the framework-free ceiling, the natural Faust baseline and the real topology consume it;
+   the real topology once more from single-event records, keyed right and all misplaced
+   (fresh brokers, the same events);
 2. broker B: a real ``pipeline worker``: HTTP ingest in batches of 1,000, 100 and 1,
    then webhook-to-``/metrics`` latency at half the sustainable load;
 3. dedupe state of ``--subscribers`` subscribers in RocksDB;
@@ -37,6 +39,7 @@ from pipeline.kafka.tansu import EmbeddedBroker
 from pipeline.kafka.topics import RAW_TOPICS, raw_topic
 
 SINGLE_TOPIC = "bench.single"
+DIRECT_LAYOUTS = ("keyed", "misplaced")  # direct single-event records: right and wrong partitions
 
 
 def broker_for(kind: str, workdir: Path, name: str) -> contextlib.AbstractContextManager[Any]:
@@ -202,6 +205,28 @@ def broker_phases(
             )
 
         phase("topology", do_topology)
+
+        def do_direct() -> None:
+            # the same events one per record, as Kafka clients write them directly: keyed right,
+            # and every one on a wrong partition; each run on a fresh broker (its raw topics must
+            # hold only that run's records), the two rows' runs alternating, as often as the
+            # topology, the median of each reported
+            runs: dict[str, list[dict[str, Any]]] = {layout: [] for layout in DIRECT_LAYOUTS}
+            for n in range(1, cfg["topology_runs"] + 1):
+                for layout in DIRECT_LAYOUTS:
+                    progress(f"direct-{layout}: run {n} of {cfg['topology_runs']} on a fresh broker")
+                    rundir = workdir / f"direct-{layout}-run{n}"
+                    rundir.mkdir(exist_ok=True)
+                    with broker_for(kind, rundir, "broker") as fresh:
+                        runs[layout].append(topology.measure(fresh.address, workload, rundir, layout=layout))
+            for layout in DIRECT_LAYOUTS:
+                row = result[f"direct_{layout}"] = median_run(runs[layout])
+                progress(
+                    f"direct-{layout}: {row['events_per_s']:,.0f} events/s (median of {len(runs[layout])}), "
+                    f"{row['cpu_s_per_million']:.1f} CPU s per million, exact={row['exact']}"
+                )
+
+        phase("direct", do_direct)
 
         def do_ceiling() -> None:
             # under a second of work: one burst of other work on this shared machine moves it

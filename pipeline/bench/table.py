@@ -64,6 +64,41 @@ GOAL_SUSTAINED_VS_TOPOLOGY = 0.6
 GOAL_INGEST_VS_CEILING = 0.4
 GOAL_TOPOLOGY_VS_CEILING = 0.17
 GOAL_P99_MS = 2000
+GOAL_KEYED_VS_BATCHED = 0.5  # direct single-event records on their right partitions / batched
+GOAL_MISPLACED_VS_KEYED = 0.5  # direct single-event records all on wrong partitions / keyed right
+
+
+def cpu_per_million(row: dict[str, Any] | None) -> float | None:
+    """Worker CPU seconds (user + system) per million events of a topology row."""
+    if not row or row.get("cpu_seconds") is None:
+        return None
+    return row["cpu_seconds"] * 1e6 / row["events"]
+
+
+def direct_goals(kind: str, section: dict[str, Any]) -> list[dict[str, Any]]:
+    """Direct single-event records on one broker: keyed right against the batched topology
+    rate, all misplaced against keyed right; a goal is met only with every count exact."""
+    rows = []
+    pairs = (
+        ("direct_keyed", "topology", "keyed right", "batched", GOAL_KEYED_VS_BATCHED),
+        ("direct_misplaced", "direct_keyed", "all misplaced", "keyed right", GOAL_MISPLACED_VS_KEYED),
+    )
+    for key, base_key, label, base_label, wanted in pairs:
+        row, base = section.get(key), section.get(base_key)
+        if not row or not base:
+            continue
+        ratio = row["events_per_s"] / base["events_per_s"]
+        exact = row["exact"] and base["exact"]
+        rows.append(
+            {
+                "goal": f"topology-only on {kind}: direct single-event records {label} / {base_label}",
+                "value": f"{row['events_per_s']:,.0f} / {base['events_per_s']:,.0f} = {ratio:.2f}x, "
+                f"counts {'exact' if exact else 'NOT exact'}",
+                "wanted": f">= {wanted}x, counts exact",
+                "met": ratio >= wanted and exact,
+            }
+        )
+    return rows
 
 
 def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -127,6 +162,9 @@ def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": ratio >= GOAL_TOPOLOGY_VS_CEILING,
             }
         )
+    kinds = result.get("config", {}).get("brokers") or ["tansu"]
+    for kind, section in (result.get("by_broker") or {kinds[0]: result}).items():
+        rows += direct_goals(kind, section)
     return rows
 
 
@@ -153,6 +191,11 @@ SIDE_BY_SIDE = (
     ("framework-free ceiling (events/s)", lambda r: r.get("ceiling", {}).get("events_per_s")),
     ("natural Faust (events/s)", lambda r: r.get("baseline", {}).get("events_per_s")),
     ("real topology, 1 worker (events/s)", lambda r: r.get("topology", {}).get("events_per_s")),
+    ("  its worker CPU s per million events", lambda r: cpu_per_million(r.get("topology"))),
+    ("  direct records, keyed right (events/s)", lambda r: r.get("direct_keyed", {}).get("events_per_s")),
+    ("  its worker CPU s per million events", lambda r: cpu_per_million(r.get("direct_keyed"))),
+    ("  direct records, misplaced (events/s)", lambda r: r.get("direct_misplaced", {}).get("events_per_s")),
+    ("  its worker CPU s per million events", lambda r: cpu_per_million(r.get("direct_misplaced"))),
     ("HTTP ingest, batches of 1,000 (events/s)", lambda r: _ingest(r, 1000, "events_per_s")),
     ("HTTP ingest, batches of 1,000 (p99 ms)", lambda r: _ingest(r, 1000, "p99_ms")),
     ("HTTP ingest, batches of 100 (events/s)", lambda r: _ingest(r, 100, "events_per_s")),
@@ -169,6 +212,9 @@ def _ingest(section: dict[str, Any], batch: int, key: str) -> float | None:
     return row[key] if row else None
 
 
+EXACT_ROWS = ("ceiling", "baseline", "topology", "direct_keyed", "direct_misplaced", "scale")
+
+
 def side_by_side(result: dict[str, Any]) -> list[str]:
     """One row per broker-bound figure, one column per broker, and each broker over the first."""
     kinds = list(result.get("by_broker", {}))
@@ -182,15 +228,13 @@ def side_by_side(result: dict[str, Any]) -> list[str]:
         values = [figure(section) for section in sections]
         if all(value is None for value in values):
             continue
-        row = f"{label:<44}" + "".join(f"{_n(value):>14}" for value in values)
+        digits = 1 if "CPU" in label else 0
+        row = f"{label:<44}" + "".join(f"{_n(value, digits):>14}" for value in values)
         for value in values[1:]:
             ratio = value / values[0] if value is not None and values[0] else None
             row += f"{(f'{ratio:.2f}x' if ratio is not None else '-'):>16}"
         lines.append(row)
-    exact = [
-        all(section.get(k, {}).get("exact", True) for k in ("ceiling", "baseline", "topology", "scale"))
-        for section in sections
-    ]
+    exact = [all(section.get(k, {}).get("exact", True) for k in EXACT_ROWS) for section in sections]
     lines.append(f"{'every count exact':<44}" + "".join(f"{('yes' if e else 'NO'):>14}" for e in exact))
     return lines
 
@@ -214,6 +258,8 @@ def render(result: dict[str, Any]) -> str:
         ("ceiling", "framework-free ceiling (aiokafka+orjson)"),
         ("baseline", "natural Faust (per event, 1 event/message)"),
         ("topology", "real topology, 1 worker (exact, 1m windows)"),
+        ("direct_keyed", "  same, direct 1-event records, keyed right"),
+        ("direct_misplaced", "  same, direct 1-event records, misplaced"),
     ):
         row = result.get(key)
         if row:
@@ -225,7 +271,10 @@ def render(result: dict[str, Any]) -> str:
                 rates = ", ".join(f"{rate:,.0f}" for rate in row["runs_events_per_s"])
                 lines.append(f"{'':<44} median of {len(row['runs_events_per_s'])} runs: {rates} events/s")
             if row.get("cpu_seconds"):
-                lines.append(f"{'':<44} worker CPU (user+system): {row['cpu_seconds']:.2f} s")
+                lines.append(
+                    f"{'':<44} worker CPU (user+system): {row['cpu_seconds']:.2f} s, "
+                    f"{cpu_per_million(row):.1f} s per million events"
+                )
     topo, base, ceil = result.get("topology"), result.get("baseline"), result.get("ceiling")
     if topo and base:
         lines.append(
@@ -234,6 +283,15 @@ def render(result: dict[str, Any]) -> str:
     if topo and ceil:
         lines.append(
             f"ratio real topology / ceiling:       {topo['events_per_s'] / ceil['events_per_s']:.1%}"
+        )
+    keyed, misplaced = result.get("direct_keyed"), result.get("direct_misplaced")
+    if topo and keyed:
+        lines.append(
+            f"ratio direct keyed right / batched:  {keyed['events_per_s'] / topo['events_per_s']:.2f}x"
+        )
+    if keyed and misplaced:
+        lines.append(
+            f"ratio direct misplaced / keyed right: {misplaced['events_per_s'] / keyed['events_per_s']:.2f}x"
         )
     if result.get("ingest"):
         lines.append("")

@@ -233,22 +233,55 @@ def compare(expected: dict[str, dict[str, Any]], got: dict[str, dict[str, Any]])
     return problems
 
 
-def measure(broker: str, workload, workdir: Path, *, profile: bool = False, timeout: float = 300.0) -> dict:
-    """Preload the events as the ingest would, then time one worker from first batch to last snapshot."""
-    from pipeline.bench.common import create_topics, produce_batched, progress, run_async, wait_until_done
+LAYOUTS = ("batched", "keyed", "misplaced")
+
+
+def measure(
+    broker: str,
+    workload,
+    workdir: Path,
+    *,
+    layout: str = "batched",
+    profile: bool = False,
+    timeout: float = 300.0,
+) -> dict:
+    """Preload the events, then time one worker from first batch to last snapshot.
+
+    ``layout``: ``batched`` as the ingest writes them (one message per request and partition),
+    ``keyed`` one event per record on its right partition, ``misplaced`` one event per record,
+    each on a wrong partition (:func:`~pipeline.bench.common.produce_direct`).
+    """
+    from pipeline.bench.common import (
+        create_topics,
+        produce_batched,
+        produce_direct,
+        progress,
+        run_async,
+        wait_until_done,
+    )
     from pipeline.kafka.topics import RAW_TOPICS
 
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: one of {', '.join(LAYOUTS)}")
+    name = "topology" if layout == "batched" else f"direct-{layout}"
     run_async(create_topics(broker, list(RAW_TOPICS)))  # Apache Kafka here creates none on first use
-    progress(f"topology: producing {workload.total} events in ingest-style batched messages")
-    produce_s = run_async(produce_batched(broker, workload.events))
-    progress(f"topology: produced in {produce_s:.1f}s; starting one worker")
-    proc, status = start_worker(broker, workdir, "bench-topology", "topology", workload.total, profile)
+    misplaced = None
+    if layout == "batched":
+        progress(f"{name}: producing {workload.total} events in ingest-style batched messages")
+        produce_s = run_async(produce_batched(broker, workload.events))
+    else:
+        progress(f"{name}: producing {workload.total} events, one per record, {layout}")
+        produce_s, misplaced = run_async(
+            produce_direct(broker, workload.events, misplaced=layout == "misplaced")
+        )
+    progress(f"{name}: produced in {produce_s:.1f}s; starting one worker")
+    proc, status = start_worker(broker, workdir, "bench-topology", name, workload.total, profile)
     try:
         doc = wait_until_done(
             proc,
             status,
-            "topology",
-            workdir / "topology.log",
+            name,
+            workdir / f"{name}.log",
             timeout,
             lambda d: f"{d['dedupe_events']}/{workload.total} events deduplicated",
         )
@@ -256,17 +289,21 @@ def measure(broker: str, workload, workdir: Path, *, profile: bool = False, time
         stop_worker(proc)
     elapsed = doc["done"] - doc["first"]
     problems = compare(workload.expected, doc["campaigns"])
+    # user + system CPU of the worker over the same span: about the elapsed time means
+    # the worker is CPU-bound (one core: the GIL), not waiting on the broker
+    cpu = doc["cpu_done"] - doc["cpu_first"]
     return {
+        "layout": layout,
         "events": workload.total,
         "seconds": elapsed,
         "events_per_s": workload.total / elapsed,
         "peak_rss_mib": doc["peak_rss_mib"],
-        # user + system CPU of the worker over the same span: about the elapsed time means
-        # the worker is CPU-bound (one core: the GIL), not waiting on the broker
-        "cpu_seconds": doc["cpu_done"] - doc["cpu_first"],
+        "cpu_seconds": cpu,
+        "cpu_s_per_million": cpu * 1e6 / workload.total,
         "exact": not problems,
         "problems": problems[:10],
         "dedupe_batches": doc["dedupe_batches"],
         "produce_seconds": produce_s,
-        "profile": str(workdir / "topology.profile.txt") if profile else None,
+        "misplaced_records": misplaced,  # direct records acknowledged off their right partition
+        "profile": str(workdir / f"{name}.profile.txt") if profile else None,
     }

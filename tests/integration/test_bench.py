@@ -1,5 +1,7 @@
 """``pipeline bench --small --json --brokers tansu,kafka`` completes and every count it checks is
-exact on both brokers (no timing: performance is only compared side by side, in the report)."""
+exact on both brokers (no timing: performance is only compared side by side, in the report),
+the real topology's included when fed direct single-event records, on their right partitions
+and every one on a wrong partition."""
 
 from __future__ import annotations
 
@@ -46,6 +48,13 @@ def test_small_bench_is_exact_on_tansu_and_kafka(tmp_path: Path) -> None:
             assert section[name]["events"] > 0
         assert section["topology"]["events"] == result["config"]["events"]
         assert section["topology"]["problems"] == []
+        # the same events one per record: keyed right, and all misplaced (moved before deciding)
+        for name, misplaced in (("direct_keyed", 0), ("direct_misplaced", result["config"]["events"])):
+            row = section[name]
+            assert row["events"] == result["config"]["events"], (kind, name)
+            assert row["misplaced_records"] == misplaced, (kind, name, row["misplaced_records"])
+            assert row["exact"] and row["problems"] == [], (kind, name, row["problems"])
+            assert row["cpu_s_per_million"] > 0, (kind, name)
         assert [row["batch"] for row in section["ingest"]] == [1000, 100, 1]
         assert all(row["failures"] == 0 for row in section["ingest"])
         assert section["latency"]["lost"] == 0
@@ -58,8 +67,11 @@ def test_small_bench_is_exact_on_tansu_and_kafka(tmp_path: Path) -> None:
     # the results file: the same run's table with every goal judged, and the machine it ran on
     written = (tmp_path / "results" / "results.md").read_text()
     goal_lines = written.split("goals (ratios from this run):")[1].split("\n\n")[0].strip().splitlines()
-    assert len(goal_lines) == 4, goal_lines  # sustained, ingest, half-capacity latency, topology
+    # sustained, ingest, half-capacity latency, topology; direct keyed and misplaced per broker
+    assert len(goal_lines) == 8, goal_lines
     assert all(line.split()[0] in ("MET", "MISSED") for line in goal_lines), goal_lines
+    direct_goals = [line for line in goal_lines if "direct single-event records" in line]
+    assert len(direct_goals) == 4 and not any("NOT exact" in line for line in direct_goals), direct_goals
     assert "machine:" in written and "CPUs" in written
     assert json.loads((tmp_path / "results" / "results.json").read_text())["config"] == result["config"]
     sustained = result["sustained"]["tansu"]
