@@ -19,7 +19,7 @@ import functools
 import inspect
 import logging
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -55,12 +55,11 @@ def check() -> None:
         (thread, "_ensure_consumer"),
         (faust_aiokafka.Consumer, "highwaters"),
         (faust_aiokafka.Consumer, "_getmany"),
-        (faust.transport.consumer.Consumer, "_add_gap"),
         (faust_aiokafka.Producer, "_ensure_producer"),
         (rocksdb.Store, "_db_for_partition"),
         (rocksdb.Store, "set_persisted_offset"),
         (faust.App, "_leader_assignor"),
-        (faust.transport.consumer.Consumer, "_commit_offsets"),
+        (faust.transport.consumer.Consumer, "_new_offset"),
         (faust.transport.consumer.Consumer, "seek"),
         (faust.transport.consumer.Consumer, "highwater"),
     ):
@@ -94,7 +93,7 @@ def install() -> None:
     _shorten_fetch_wait()
     faust_aiokafka.AIOKafkaConsumerThread.seek_to_committed = _seek_to_committed  # type: ignore[method-assign]
     consumer = faust.transport.consumer.Consumer
-    consumer._commit_offsets = _capped_commit_offsets(consumer._commit_offsets)  # type: ignore[method-assign]
+    consumer._new_offset = _offset_from_account(consumer._new_offset)  # type: ignore[method-assign]
     _read_true_highwaters()
     _hand_over_in_runs()
     _installed = True
@@ -125,9 +124,9 @@ def _shorten_fetch_wait() -> None:
 # itself spends on an event, so a producer that writes one event per record (every direct
 # producer does) was counted at a tenth of the rate of the ingest's arrays. For the topics
 # named by :func:`deliver_in_runs`, the records of one partition that one fetch returns are
-# handed over as one message, a :class:`RecordRun`, whose offset is its last record's; the
-# offsets before it are registered as a gap, as Faust does for offsets a fetch skips, so they
-# are committed once the run is acknowledged. Replaces: one message per record.
+# handed over as one message, a :class:`RecordRun`, whose offset is its last record's. What is
+# committed for these partitions is not Faust's count of acknowledged messages but the stage's
+# own account (:func:`commit_from_account`). Replaces: one message per record.
 
 _run_topics: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -184,8 +183,6 @@ def _hand_over_in_runs() -> None:
             return records
         for tp, batch in records.items():
             if tp.topic in topics and batch:
-                if len(batch) > 1:  # the run's offset is its last: the ones before count as done with it
-                    await self._add_gap(tp, batch[0].offset, batch[-1].offset - 1)
                 records[tp] = [_as_run(batch)]
         return records
 
@@ -241,12 +238,17 @@ async def _seek_to_committed(self: Any) -> dict[TopicPartition, int | None]:
 # --- the dedupe stage's own account of offsets (pipeline.stages.sequence) ------------------
 # Faust can hand a stream record out of order or not at all around rebalances, and can count
 # an offset as done that never reached an agent (a stale-generation record is skipped *and
-# acknowledged*). The dedupe stage keeps its own account of what it applied; the consumer
-# tells it where each assignment starts, and commits no raw offset beyond what it made
-# durable. Replaces: Faust's commits of whatever was acknowledged.
+# acknowledged*). The dedupe stage keeps its own account of what it applied and made durable;
+# the consumer tells it where each assignment starts, and commits its partitions exactly at
+# that account. Faust's own count (acknowledged offsets, plus "gaps" for offsets it never
+# delivered) is not used for them: a run of records is one message (see above), so most
+# offsets are never acknowledged one by one, and Faust's gap bookkeeping, which counts the
+# offset of the next undelivered message as done, once left a partition's commits stuck for
+# good after a commit lower than its count. Replaces: Faust's commit offset of these
+# partitions (``Consumer._new_offset``), whose acknowledgements and gaps are dropped instead.
 
 _assignment_listeners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_commit_caps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_commit_accounts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def on_assignment_start(app: faust.App, listener: Any) -> None:
@@ -255,23 +257,26 @@ def on_assignment_start(app: faust.App, listener: Any) -> None:
     _assignment_listeners[app] = listener
 
 
-def cap_commits(app: faust.App, cap: Any) -> None:
-    """Pass every commit's offsets of ``topics`` through ``cap(offsets) -> offsets``."""
-    _commit_caps[app] = cap
+def commit_from_account(app: faust.App, topics: Iterable[str], account: Callable[[Any], int | None]) -> None:
+    """Commit the partitions of ``topics`` at ``account(tp)`` (None: not at all), whatever
+    Faust counts as acknowledged."""
+    _commit_accounts[app] = (frozenset(topics), account)
 
 
-def _capped_commit_offsets(original: Any) -> Any:
+def _offset_from_account(original: Any) -> Any:
     @functools.wraps(original)
-    async def _commit_offsets(self: Any, offsets: Any, *args: Any, **kwargs: Any) -> bool:
-        cap = _commit_caps.get(self.app)
-        if cap is not None:
-            offsets = cap(offsets)
-            if not offsets:
-                return False
-        return await original(self, offsets, *args, **kwargs)
+    def _new_offset(self: Any, tp: Any) -> int | None:
+        entry = _commit_accounts.get(self.app)
+        if entry is None or tp.topic not in entry[0]:
+            return original(self, tp)
+        # what Faust kept to count this partition's offsets is not used: dropped, not hoarded
+        self._acked[tp].clear()
+        self._acked_index[tp].clear()
+        self._gap[tp].clear()
+        return entry[1](tp)
 
-    _commit_offsets._pipeline_patched = True  # type: ignore[attr-defined]
-    return _commit_offsets
+    _new_offset._pipeline_patched = True  # type: ignore[attr-defined]
+    return _new_offset
 
 
 async def seek(app: faust.App, tp: Any, offset: int) -> bool:

@@ -141,6 +141,8 @@ class DedupeStage:
         for event in [e for e in events if failpoints.hit(failpoints.DROP_RAW_RECORD)]:
             events.remove(event)
             event.ack()  # as Faust does with a stale generation's record: skipped and acknowledged
+            first, last = first_and_last_offset(event)
+            log.warning("failpoint: %s[%d] offsets %d-%d dropped", *event.message.tp, first, last)
         sequencer = self.sequencer
         admission = sequencer.admit(
             ((event.message.tp, *first_and_last_offset(event), event) for event in events), time.monotonic()
@@ -178,13 +180,6 @@ class DedupeStage:
     def reset_offsets(self, starts: Mapping[Any, int]) -> None:
         """The consumer sought its partitions to these offsets (a new assignment)."""
         self.sequencer.reset({tp: offset for tp, offset in starts.items() if tp[0] in RAW_TOPICS})
-
-    def cap_commit(self, offsets: Mapping[Any, int]) -> dict[Any, int]:
-        """Raw partitions are committed only up to what this stage made durable."""
-        raw = {tp: offset for tp, offset in offsets.items() if tp[0] in RAW_TOPICS}
-        capped = {tp: offset for tp, offset in offsets.items() if tp[0] not in RAW_TOPICS}
-        capped.update(self.sequencer.cap(raw))
-        return capped
 
     def chunks(self, events: list[faust.types.EventT]) -> list[list[faust.types.EventT]]:
         """Split a batch of messages into pieces of at most about ``CHUNK_BYTES``, in order.

@@ -22,7 +22,7 @@ apply (``expected``):
 * a partition whose ``expected`` stays below the broker's end with nothing arriving is sought
   back too (:meth:`stalled`): the tail case, where no later record reveals the hole.
 
-Offsets are committed only up to what the stage made durable (:meth:`cap`), whatever Faust
+Offsets are committed at what the stage made durable (:meth:`commit_offset`), whatever Faust
 acknowledged on its own, so a crash in the middle never leaves a committed hole. After each
 assignment the account restarts from the committed offsets the consumer sought to
 (:meth:`reset`). Pure: the stage does the seeking and the committing.
@@ -80,7 +80,7 @@ class Sequencer:
             want = expected.get(tp)
             if want is None:
                 # not assigned to us (any more): applying it could only be a replay or a
-                # record its owner also applies; nothing commits it here (see cap)
+                # record its owner also applies; nothing commits it here (see commit_offset)
                 out.left_out += 1
                 out.unassigned.add(tp)
                 continue
@@ -115,15 +115,10 @@ class Sequencer:
                 self.expected[tp] = seeks[tp] = self.durable[tp]
         return seeks
 
-    def cap(self, offsets: Mapping[Hashable, int]) -> dict[Hashable, int]:
-        """The offsets Faust wants to commit for raw partitions, never beyond what is durable.
-        A partition the stage has no account of is not committed at all."""
-        capped = {}
-        for tp, offset in offsets.items():
-            durable = self.durable.get(tp)
-            if durable is not None:
-                capped[tp] = min(offset, durable)
-        return capped
+    def commit_offset(self, tp: Hashable) -> int | None:
+        """Where a raw partition is committed: every offset below is applied and durable. None
+        for a partition the stage has no account of (not assigned): not committed from here."""
+        return self.durable.get(tp)
 
     def stalled(self, ends: Mapping[Hashable, int | None], now: float) -> dict[Hashable, int]:
         """Partitions whose end lies beyond ``expected`` with no progress for

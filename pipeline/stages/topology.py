@@ -138,7 +138,7 @@ def create_pipeline(settings: Settings) -> Pipeline:
     dedupe = DedupeStage(settings, subscribers, partials, partials_topic, dead_letter)
     dedupe.seek = lambda tp, offset: compat.seek(app, tp, offset)
     compat.on_assignment_start(app, dedupe.reset_offsets)
-    compat.cap_commits(app, dedupe.cap_commit)
+    compat.commit_from_account(app, RAW_TOPICS, lambda tp: dedupe.sequencer.commit_offset(tp))
     aggregate = AggregateStage(campaigns)
     pipeline = Pipeline(settings, app, dedupe, aggregate, dead_letter_topic)
     pipeline.topics = [

@@ -111,36 +111,35 @@ def test_the_consumer_keeps_read_offsets_and_the_app_a_leader_topic_and_recovery
     assert [(u.host, u.port) for u in app.conf.broker] == [("127.0.0.1", 1), ("other", 2)]
 
 
-def test_commits_go_through_commit_offsets_which_the_cap_wraps():
+def test_the_offset_committed_per_partition_comes_from_new_offset():
     consumer = faust.transport.consumer.Consumer
-    # every commit of acknowledged offsets passes here; the wrapper caps raw partitions
-    assert "self._commit_offsets(" in inspect.getsource(consumer._commit_tps)
-    assert list(inspect.signature(consumer._commit_offsets).parameters) == [
-        "self",
-        "offsets",
-        "start_new_transaction",
-    ]
-    assert getattr(consumer._commit_offsets, "_pipeline_patched", False) or not compat._installed
+    # every commit asks _new_offset(tp) per partition with acknowledgements, then commits those
+    assert "self._new_offset(tp)" in inspect.getsource(consumer._filter_committable_offsets)
+    assert "for tp in self._acked\n" in inspect.getsource(consumer._filter_tps_with_pending_acks)
+    assert list(inspect.signature(consumer._new_offset).parameters) == ["self", "tp"]
+    # the bookkeeping the wrapper drops for partitions committed from an account
+    init = inspect.getsource(consumer.__init__)
+    for name in ("self._acked = ", "self._acked_index = ", "self._gap = "):
+        assert name in init
+    assert getattr(consumer._new_offset, "_pipeline_patched", False) or not compat._installed
 
 
-async def test_the_commit_cap_lowers_or_drops_offsets_before_faust_commits():
-    seen = []
-
-    async def original(self, offsets, start_new_transaction=True):
-        seen.append(dict(offsets))
-        return True
-
-    wrapped = compat._capped_commit_offsets(original)
-
-    class Owner:
-        app = faust.App("compat-cap", autodiscover=False, web_enabled=False)
-
-    owner = Owner()
-    assert await wrapped(owner, {("t", 0): 10}) is True  # no cap registered: unchanged
-    compat.cap_commits(owner.app, lambda offsets: {tp: min(o, 7) for tp, o in offsets.items() if tp[1] == 0})
-    assert await wrapped(owner, {("t", 0): 10, ("t", 1): 5}) is True
-    assert await wrapped(owner, {("t", 1): 5}) is False  # nothing left to commit: not called
-    assert seen == [{("t", 0): 10}, {("t", 0): 7}]
+async def test_partitions_with_an_account_are_committed_at_it_whatever_was_acknowledged(app):
+    """Faust's own count of a run's partition would stick (its gaps count the offset of the
+    next, undelivered message as done); the account decides, and the count is dropped."""
+    compat.install()
+    consumer = app.consumer
+    raw, other = faust.types.TP("funnel.raw.click", 0), faust.types.TP("funnel.partials", 0)
+    durable = {raw: 40}
+    compat.commit_from_account(app, ["funnel.raw.click"], durable.get)
+    consumer._acked[raw].extend([12, 30, 55])
+    await consumer._add_gap(raw, 13, 29)
+    consumer._acked[other].extend([0, 1, 2])
+    assert consumer._new_offset(raw) == 40
+    assert not consumer._acked[raw] and not consumer._gap[raw]
+    assert consumer._new_offset(other) == 3  # Faust's own count for the rest
+    durable.clear()
+    assert consumer._new_offset(raw) is None  # no account: not committed from here
 
 
 def test_a_stale_generations_record_is_skipped_and_acknowledged_by_faust():
@@ -176,22 +175,10 @@ def test_the_fetch_is_where_runs_are_made():
         "timeout",
     ]
     assert "self._getmany(" in inspect.getsource(faust.transport.consumer.Consumer._wait_next_records)
-    # _add_gap(self, tp, offset_from, offset_to), inclusive, as the drain loop calls it for skipped offsets
-    assert list(inspect.signature(faust.transport.consumer.Consumer._add_gap).parameters) == [
-        "self",
-        "tp",
-        "offset_from",
-        "offset_to",
-    ]
-    assert "await self._add_gap(tp, r_offset + 1, offset)" in inspect.getsource(
-        faust.transport.consumer.Consumer._drain_messages
-    )
 
 
-async def test_a_run_is_one_message_and_its_ack_commits_every_offset_of_it(app):
-    """The run reaches the stream as one message (offset: its last record's; value: the run,
-    which the raw codec passes through), and once Faust has the run's earlier offsets as a gap,
-    acknowledging it makes every offset up to its last committable."""
+async def test_a_run_is_one_message_whose_value_the_raw_codec_passes_through(app):
+    """The run reaches the stream as one message (offset: its last record's; value: the run)."""
     consumer = app.consumer
     tp = faust.types.TP("funnel.raw.click", 0)
     records = _records(tp.topic, 0, [0, 1, 2, 5, 6])  # 3-4: offsets the log does not hold
@@ -199,11 +186,3 @@ async def test_a_run_is_one_message_and_its_ack_commits_every_offset_of_it(app):
     run = app.serializers.loads_value(None, message.value, serializer="raw")
     assert isinstance(run, compat.RecordRun) and run.records == records
     assert (message.offset, run.first_offset, run.last_offset, run.size) == (6, 0, 6, 10)
-    await consumer._add_gap(tp, 0, 5)  # what the wrapped _getmany registers for a run
-    consumer._acked[tp].append(6)  # what acknowledging the run's message adds
-    assert consumer._new_offset(tp) == 7
-    # the next run of the partition: its gap and its ack commit up to its end
-    await consumer._add_gap(tp, 7, 9)
-    consumer._acked[tp].append(10)
-    consumer._committed_offset[tp] = 7
-    assert consumer._new_offset(tp) == 11

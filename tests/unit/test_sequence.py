@@ -22,10 +22,9 @@ def test_in_order_records_are_applied_and_become_committable_once_durable():
     seq.reset({A: 10, B: 0})
     out = seq.admit(batch((A, 10), (B, 0), (A, 11)), now=0)
     assert out.admitted == [(A, 10), (B, 0), (A, 11)] and out.seeks == {} and out.left_out == 0
-    assert seq.cap({A: 12, B: 1}) == {A: 10, B: 0}  # not durable yet
+    assert (seq.commit_offset(A), seq.commit_offset(B)) == (10, 0)  # not durable yet
     seq.applied({A, B})
-    assert seq.cap({A: 12, B: 1}) == {A: 12, B: 1}
-    assert seq.cap({A: 50}) == {A: 12}  # never beyond what the stage applied
+    assert (seq.commit_offset(A), seq.commit_offset(B)) == (12, 1)  # never beyond what was applied
 
 
 def test_a_record_after_a_hole_is_left_out_with_the_rest_of_its_partition_and_sought_back():
@@ -36,7 +35,7 @@ def test_a_record_after_a_hole_is_left_out_with_the_rest_of_its_partition_and_so
     assert out.admitted == [(A, 10), (B, 0)]
     assert out.seeks == {A: 11} and out.left_out == 3
     seq.applied({A, B})
-    assert seq.cap({A: 14}) == {A: 11}
+    assert seq.commit_offset(A) == 11
     # the re-read starts with stale copies still in flight: no second seek before RESEEK_AFTER
     out = seq.admit(batch((A, 13)), now=RESEEK_AFTER / 2)
     assert out.admitted == [] and out.seeks == {}
@@ -58,7 +57,7 @@ def test_records_of_partitions_not_assigned_are_left_out():
     seq.reset({A: 0})
     out = seq.admit(batch((B, 0), (A, 0)), now=0)
     assert out.admitted == [(A, 0)] and out.left_out == 1 and out.unassigned == {B}
-    assert seq.cap({B: 1}) == {}  # and never committed from here
+    assert seq.commit_offset(B) is None  # and never committed from here
 
 
 def test_a_new_assignment_restarts_the_account_from_the_committed_offsets():
@@ -67,7 +66,7 @@ def test_a_new_assignment_restarts_the_account_from_the_committed_offsets():
     seq.admit(batch((A, 0), (A, 1), (A, 2)), now=0)
     seq.applied({A})
     seq.reset({A: 1})  # B moved away; A resumes from its commit (a replay of 1 and 2)
-    assert seq.expected == {A: 1} and seq.cap({A: 9, B: 9}) == {A: 1}
+    assert seq.expected == {A: 1} and (seq.commit_offset(A), seq.commit_offset(B)) == (1, None)
     assert seq.admit(batch((A, 1), (A, 2), (A, 3)), now=0).admitted == [(A, 1), (A, 2), (A, 3)]
 
 
@@ -76,7 +75,7 @@ def test_a_failed_batch_is_read_again_from_what_was_durable():
     seq.reset({A: 3})
     seq.admit(batch((A, 3), (A, 4)), now=0)
     assert seq.failed({A}) == {A: 3}
-    assert seq.expected[A] == 3 and seq.cap({A: 5}) == {A: 3}
+    assert seq.expected[A] == 3 and seq.commit_offset(A) == 3
 
 
 def test_a_partition_whose_next_record_never_arrives_is_sought_back():
