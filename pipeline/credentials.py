@@ -19,7 +19,7 @@ class CredentialsError(ValueError):
 
 
 EVENTS = "events"  # the name of ``POST /events`` in PIPELINE_ENDPOINTS / PIPELINE_ALLOW_UNAUTHENTICATED
-PIPELINE_SECRETS = ("PIPELINE_INGEST_TOKEN", "PIPELINE_ID_SALT")
+PIPELINE_SECRETS = ("PIPELINE_INGEST_TOKEN", "PIPELINE_ID_SALT", "PIPELINE_KAFKA_SASL_PASSWORD")
 
 
 def provider_credentials() -> dict[str, tuple[str, ...]]:

@@ -81,6 +81,14 @@ def _process_count(text: str) -> int | None:
     return count
 
 
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
 def window_label(seconds: int) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds % size == 0:
@@ -129,6 +137,14 @@ class Settings:
     batch_within: float = 0.05
     events_per_message: int = 1000
     send_timeout: float = 10.0
+    # how every client of this process connects to Kafka (pipeline.kafka.security)
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = field(default=None, repr=False)
+    kafka_ssl_cafile: Path | None = None  # None: the system's trust store
+    kafka_ssl_certfile: Path | None = None  # with the key: mutual TLS
+    kafka_ssl_keyfile: Path | None = None
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -198,6 +214,13 @@ class Settings:
             allow_unauthenticated=parse_endpoints(
                 get("PIPELINE_ALLOW_UNAUTHENTICATED", ""), "PIPELINE_ALLOW_UNAUTHENTICATED"
             ),
+            kafka_security_protocol=(get("PIPELINE_KAFKA_SECURITY_PROTOCOL") or "PLAINTEXT").upper(),
+            kafka_sasl_mechanism=(get("PIPELINE_KAFKA_SASL_MECHANISM") or "").upper() or None,
+            kafka_sasl_username=get("PIPELINE_KAFKA_SASL_USERNAME") or None,
+            kafka_sasl_password=get("PIPELINE_KAFKA_SASL_PASSWORD") or None,
+            kafka_ssl_cafile=_path(get("PIPELINE_KAFKA_SSL_CAFILE")),
+            kafka_ssl_certfile=_path(get("PIPELINE_KAFKA_SSL_CERTFILE")),
+            kafka_ssl_keyfile=_path(get("PIPELINE_KAFKA_SSL_KEYFILE")),
             env=env,
         )
         settings.check()
@@ -214,3 +237,53 @@ class Settings:
             raise SettingsError("PIPELINE_PARTITIONS must be positive")
         if self.header_timeout < 1:
             raise SettingsError("PIPELINE_HEADER_TIMEOUT must be at least 1s")
+        self._check_kafka_security()
+
+    def _check_kafka_security(self) -> None:
+        """Every PIPELINE_KAFKA_* combination that cannot connect is refused at start, by name."""
+        protocol, mechanism = self.kafka_security_protocol, self.kafka_sasl_mechanism
+        if protocol not in KAFKA_SECURITY_PROTOCOLS:
+            raise SettingsError(
+                f"PIPELINE_KAFKA_SECURITY_PROTOCOL must be one of {', '.join(KAFKA_SECURITY_PROTOCOLS)}, "
+                f"not {protocol!r}"
+            )
+        if protocol.startswith("SASL_"):
+            if mechanism not in KAFKA_SASL_MECHANISMS:
+                raise SettingsError(
+                    f"PIPELINE_KAFKA_SECURITY_PROTOCOL={protocol} needs PIPELINE_KAFKA_SASL_MECHANISM, "
+                    f"one of {', '.join(KAFKA_SASL_MECHANISMS)} (not {mechanism or 'unset'})"
+                )
+            missing = [
+                name
+                for name, value in (
+                    ("PIPELINE_KAFKA_SASL_USERNAME", self.kafka_sasl_username),
+                    ("PIPELINE_KAFKA_SASL_PASSWORD (or _FILE)", self.kafka_sasl_password),
+                )
+                if not value
+            ]
+            if missing:
+                raise SettingsError(
+                    f"PIPELINE_KAFKA_SECURITY_PROTOCOL={protocol} needs {' and '.join(missing)}"
+                )
+        elif mechanism or self.kafka_sasl_username or self.kafka_sasl_password:
+            raise SettingsError(
+                f"PIPELINE_KAFKA_SASL_* is set but PIPELINE_KAFKA_SECURITY_PROTOCOL is {protocol}: "
+                "SASL needs SASL_SSL (or SASL_PLAINTEXT)"
+            )
+        files = {
+            "PIPELINE_KAFKA_SSL_CAFILE": self.kafka_ssl_cafile,
+            "PIPELINE_KAFKA_SSL_CERTFILE": self.kafka_ssl_certfile,
+            "PIPELINE_KAFKA_SSL_KEYFILE": self.kafka_ssl_keyfile,
+        }
+        given = [name for name, path in files.items() if path is not None]
+        if given and not protocol.endswith("SSL"):
+            raise SettingsError(f"{', '.join(given)} set but PIPELINE_KAFKA_SECURITY_PROTOCOL is {protocol}")
+        if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
+            lacking = "the client key" if self.kafka_ssl_keyfile is None else "the client certificate"
+            raise SettingsError(
+                "mutual TLS needs both PIPELINE_KAFKA_SSL_CERTFILE and PIPELINE_KAFKA_SSL_KEYFILE "
+                f"({lacking} is missing)"
+            )
+        for name, path in files.items():
+            if path is not None and not path.is_file():
+                raise SettingsError(f"{name}={path} is not a readable file")

@@ -11,6 +11,7 @@ from typing import Any
 
 import faust
 import mode
+from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -29,6 +30,7 @@ from pipeline.ingest.producer import EventProducer
 from pipeline.ingest.service import IngestService
 from pipeline.kafka import compat
 from pipeline.kafka.declare import TopicsError, declare_pipeline_topics
+from pipeline.kafka.security import KafkaAccessError, client_options, describe, explain, run_check_connection
 from pipeline.kafka.topics import PARTIALS_TOPIC, RAW_TOPICS
 from pipeline.metrics.collector import FunnelCollector, HealthCounters, LagCollector, MovedCollector
 from pipeline.rules.aggregate import CampaignView
@@ -182,11 +184,22 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     """Run until interrupted (SIGINT/SIGTERM stop it cleanly)."""
     pipeline, http = build_worker(settings, loglevel)
     try:
+        # a wrong password, an untrusted certificate, a missing ACL: said now, by name
+        run_check_connection(settings)
         declare_pipeline_topics(
-            settings.broker or "", pipeline.topics, settings.partitions, settings.replication
+            settings.broker or "",
+            pipeline.topics,
+            settings.partitions,
+            settings.replication,
+            client_options(settings),
         )
-    except TopicsError as exc:
+    except (TopicsError, KafkaAccessError) as exc:
         raise SystemExit(f"the worker cannot start: {exc}") from exc
+    except KafkaError as exc:
+        reason = explain(exc, settings)
+        if reason is None:
+            raise
+        raise SystemExit(f"the worker cannot start: Kafka ({describe(settings)}): {reason}") from exc
     worker = faust.Worker(pipeline.app, http, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     quiet_faust_worker(worker)
     try:

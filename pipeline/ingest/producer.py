@@ -16,10 +16,11 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.client import AIOKafkaClient
-from aiokafka.errors import KafkaError, NoError, for_code
+from aiokafka.errors import ClusterAuthorizationFailedError, KafkaError, NoError, for_code
 from aiokafka.protocol.transaction import InitProducerIdRequest
 
 from pipeline.events import routing_key
+from pipeline.kafka.security import client_options
 from pipeline.kafka.topics import (
     DEAD_LETTER_TOPIC,
     RAW_TOPIC_OF,
@@ -71,6 +72,7 @@ class EventProducer:
         client = AIOKafkaClient(
             bootstrap_servers=self.settings.broker,
             request_timeout_ms=int(self.settings.send_timeout * 1000),
+            **client_options(self.settings),
         )
         deadline = time.monotonic() + self.settings.send_timeout
         try:
@@ -94,6 +96,13 @@ class EventProducer:
             raise BrokerUnavailable(f"broker not reachable: {exc.__class__.__name__}") from exc
         finally:
             await client.close()
+        if error is ClusterAuthorizationFailedError:
+            log.warning(
+                "missing ACL: InitProducerId refused (ClusterAuthorizationFailed): grant Write on the "
+                "raw topics (or IdempotentWrite on the cluster) for the idempotent producer; ingest "
+                "uses a non-idempotent producer meanwhile"
+            )
+            return False
         log.warning(
             "the broker at %s does not give out producer ids (InitProducerId answered %s): ingest "
             "uses a non-idempotent producer (acks=all; a send retried after a lost "
@@ -122,6 +131,7 @@ class EventProducer:
                     max_request_size=4 * 1024 * 1024,
                     request_timeout_ms=int(self.settings.send_timeout * 1000),
                     compression_type=None,
+                    **client_options(self.settings),
                 )
                 try:
                     await asyncio.wait_for(producer.start(), self.settings.send_timeout)

@@ -310,7 +310,8 @@ def _read_true_highwaters() -> None:
 
     async def highwaters(self: Any, *partitions: Any) -> dict:
         bootstrap = ",".join(f"{url.host}:{url.port}" for url in self.app.conf.broker)
-        return await true_end_offsets(bootstrap, dict(await original(self, *partitions)))
+        reported = dict(await original(self, *partitions))
+        return await true_end_offsets(bootstrap, reported, options=client_options_of(self.app))
 
     faust_aiokafka.Consumer.highwaters = highwaters  # type: ignore[method-assign]
 
@@ -345,6 +346,27 @@ def app_producer(app: faust.App) -> aiokafka.AIOKafkaProducer:
     """The app's own aiokafka producer (started with the app), for changelog record batches
     sent whole (``create_batch``/``send_batch``, public aiokafka API)."""
     return app.producer._ensure_producer()
+
+
+# --- secured connections (pipeline.kafka.security) -------------------------------------------
+
+
+async def connect_once(host: str, port: int, options: dict[str, Any]) -> None:
+    """Open one connection as a client with these options would (TLS handshake, SASL
+    authentication), then close it. aiokafka's clients only log why a bootstrap server failed
+    and go on to the next; this raises the error itself (an ``ssl`` error, aiokafka's SASL
+    errors), so the worker can say which it is."""
+    from aiokafka.conn import create_conn
+
+    conn = await create_conn(host, port, request_timeout_ms=10_000, **options)
+    conn.close()
+
+
+def client_options_of(app: faust.App) -> dict[str, Any]:
+    """The aiokafka options of the app's own clients (from its ``broker_credentials``)."""
+    return dict(
+        faust_aiokafka.credentials_to_aiokafka_auth(app.conf.broker_credentials, app.conf.ssl_context)
+    )
 
 
 # --- introspection ---------------------------------------------------------------------------

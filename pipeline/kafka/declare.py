@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.errors import TopicAlreadyExistsError, TopicAuthorizationFailedError, for_code
 from aiokafka.protocol.metadata import MetadataRequest
 from mode.utils.times import want_seconds
 
@@ -50,9 +51,14 @@ def specs_of(topic: Any, default_partitions: int, default_replication: int) -> l
     return [TopicSpec(name, partitions, replication, config) for name in topic.topics]
 
 
-async def declare_topics(bootstrap: str, specs: list[TopicSpec], timeout: float = 60.0) -> None:
-    """Create what is missing, check what exists, wait until every broker lists all of it."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+async def declare_topics(
+    bootstrap: str, specs: list[TopicSpec], timeout: float = 60.0, options: Mapping[str, Any] | None = None
+) -> None:
+    """Create what is missing, check what exists, wait until every broker lists all of it.
+    ``options``: the TLS and SASL options of :func:`pipeline.kafka.security.client_options`."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000), **(options or {})
+    )
     await admin.start()
     try:
         wanted = {spec.name: spec for spec in specs}
@@ -66,6 +72,11 @@ async def declare_topics(bootstrap: str, specs: list[TopicSpec], timeout: float 
             response = await admin.create_topics(new, timeout_ms=int(timeout * 1000))
             for name, code, message, *_ in response.topic_errors:
                 error = for_code(code)
+                if error is TopicAuthorizationFailedError:
+                    raise TopicsError(
+                        f"missing ACL: Create on topic {name} (grant Create, or create the topics "
+                        "beforehand and grant Describe; see deploy/README.md, Secured Kafka)"
+                    )
                 if code and error is not TopicAlreadyExistsError:  # another worker was first
                     raise TopicsError(f"cannot create topic {name}: {error.__name__} {message or ''}")
         deadline = time.monotonic() + timeout
@@ -89,6 +100,8 @@ async def _not_ready_everywhere(admin: AIOKafkaAdminClient, wanted: dict[str, To
         response = await client.send(broker.nodeId, MetadataRequest(list(wanted), False))
         for code, name, _internal, partitions, *_ in response.topics:
             led = [p for p in partitions if p[2] >= 0]
+            if for_code(code) is TopicAuthorizationFailedError:
+                raise TopicsError(f"missing ACL: Describe on topic {name}")
             if code or len(led) < len(partitions) or not partitions:
                 missing.add(name)
             elif len(partitions) != wanted[name].partitions:
@@ -100,11 +113,17 @@ async def _not_ready_everywhere(admin: AIOKafkaAdminClient, wanted: dict[str, To
     return missing
 
 
-def declare_pipeline_topics(bootstrap: str, topics: list[Any], partitions: int, replication: int) -> None:
+def declare_pipeline_topics(
+    bootstrap: str,
+    topics: list[Any],
+    partitions: int,
+    replication: int,
+    options: Mapping[str, Any] | None = None,
+) -> None:
     """Blocking form for a worker about to start: runs on a loop of its own, not Faust's."""
     specs = [spec for topic in topics for spec in specs_of(topic, partitions, replication)]
     loop = asyncio.new_event_loop()
     try:
-        loop.run_until_complete(declare_topics(bootstrap, specs))
+        loop.run_until_complete(declare_topics(bootstrap, specs, options=options))
     finally:
         loop.close()

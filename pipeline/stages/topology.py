@@ -19,6 +19,7 @@ import faust
 import orjson
 
 from pipeline.kafka import compat
+from pipeline.kafka.security import faust_credentials
 from pipeline.kafka.topics import DEAD_LETTER_TOPIC, PARTIALS_TOPIC, RAW_TOPICS
 from pipeline.settings import Settings
 from pipeline.stages.aggregate import AggregateStage
@@ -105,6 +106,7 @@ def create_pipeline(settings: Settings) -> Pipeline:
         broker_heartbeat_interval=2.0,
         broker_rebalance_timeout=10.0,
         logging_config=None,
+        broker_credentials=faust_credentials(settings),  # TLS, SASL: pipeline.kafka.security
     )
     raw = app.topic(*RAW_TOPICS, key_serializer="raw", value_serializer="raw")
     compat.deliver_in_runs(app, RAW_TOPICS)  # a fetch's records of a partition: one stream event

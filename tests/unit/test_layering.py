@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pipeline.kafka.topics", "pipeline.credentials"),
     ("pipeline.settings",),
     ("pipeline.diagnosis", "pipeline.http.security", "pipeline.kafka"),
-    ("pipeline.kafka.compat", "pipeline.metrics"),
+    ("pipeline.kafka.compat", "pipeline.kafka.security", "pipeline.metrics"),
     ("pipeline.state",),
     # I/O: ingest, the stages, the HTTP side
     ("pipeline.ingest.producer",),
