@@ -182,8 +182,8 @@ def quiet_faust_worker(worker: faust.Worker) -> None:
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
     """Run until interrupted (SIGINT/SIGTERM stop it cleanly)."""
-    pipeline, http = build_worker(settings, loglevel)
     try:
+        pipeline, http = build_worker(settings, loglevel)
         # a wrong password, an untrusted certificate, a missing ACL: said now, by name
         run_check_connection(settings)
         declare_pipeline_topics(
