@@ -7,8 +7,12 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from pipeline.kafka.local import KafkaCluster
 
 log = logging.getLogger("pipeline")
 BROKER_HELP = "Kafka: host:port[,host:port...], kafka:// in front allowed (PIPELINE_BROKER)"
@@ -56,13 +60,26 @@ def cmd_kafka(args: argparse.Namespace) -> int:
         if args.fetch_only:
             print(fetch_jars(args.version, quiet=False))
             return 0
+        if args.acls and not args.secure:
+            print("pipeline kafka: --acls needs --secure", file=sys.stderr)
+            return 2
         with stop_signals_caught() as stop:
-            cluster = KafkaCluster(Path(args.dir), args.brokers, args.version, args.port, args.heap)
+            cluster = KafkaCluster(
+                Path(args.dir),
+                args.brokers,
+                args.version,
+                args.port,
+                args.heap,
+                security="secure" if args.secure else "plaintext",
+                acls=args.acls,
+            )
             cluster.start()
             try:
                 print(
                     f"Apache Kafka {args.version}, {args.brokers} node(s), KRaft, data in {cluster.directory}"
                 )
+                if cluster.secure:
+                    _print_secure_kafka(cluster)
                 print(f"PIPELINE_BROKER={cluster.bootstrap}\nCtrl-C stops it", flush=True)
                 if not wait_for_stop_signal(stop, lambda: all(node.running for node in cluster.nodes)):
                     gone = [node.node_id for node in cluster.nodes if not node.running]
@@ -76,6 +93,44 @@ def cmd_kafka(args: argparse.Namespace) -> int:
         print(f"pipeline kafka: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_secure_kafka(cluster: KafkaCluster) -> None:
+    """What a worker needs for each way in, the grants it was given, where the rest is."""
+    from pipeline.kafka.local import WORKER_GRANTS
+
+    tls = cluster.tls_dir
+    principals = ("User:worker", "User:CN=worker")
+    if cluster.acls:
+        for principal in principals:
+            for resource_type, name, pattern_type, operations in WORKER_GRANTS:
+                cluster.grant(principal, resource_type, name, pattern_type, operations)
+        granted = "; ".join(f"{r} {p} {n!r}: {','.join(o)}" for r, n, p, o in WORKER_GRANTS)
+        print(
+            f"ACLs on (super users User:admin, User:ANONYMOUS); granted {' and '.join(principals)}: {granted}"
+        )
+    print(
+        f"TLS files in {tls} (CA ca.pem), SASL users {', '.join(cluster.passwords)} (passwords in "
+        f"{tls / 'users.json'}); internal PLAINTEXT listener, unauthenticated: {cluster.plaintext_bootstrap}"
+    )
+    print("# mutual TLS instead (principal User:CN=worker):")
+    for name, value in (
+        ("PIPELINE_BROKER", cluster.ssl_bootstrap),
+        ("PIPELINE_KAFKA_SECURITY_PROTOCOL", "SSL"),
+        ("PIPELINE_KAFKA_SSL_CAFILE", tls / "ca.pem"),
+        ("PIPELINE_KAFKA_SSL_CERTFILE", tls / "client.pem"),
+        ("PIPELINE_KAFKA_SSL_KEYFILE", tls / "client.key"),
+    ):
+        print(f"#   {name}={value}")
+    print("# a worker over SASL_SSL, SCRAM-SHA-512 as user worker:")
+    for name, value in (
+        ("PIPELINE_KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+        ("PIPELINE_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+        ("PIPELINE_KAFKA_SASL_USERNAME", "worker"),
+        ("PIPELINE_KAFKA_SASL_PASSWORD_FILE", tls / "worker.password"),
+        ("PIPELINE_KAFKA_SSL_CAFILE", tls / "ca.pem"),
+    ):
+        print(f"{name}={value}")
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -226,6 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     tested = ", ".join(TESTED_VERSIONS)
     kafka.add_argument("--version", default=KAFKA_VERSION, help=f"Apache Kafka version (tested: {tested})")
     kafka.add_argument("--heap", default=HEAP, help="JVM heap of each node")
+    kafka.add_argument(
+        "--secure",
+        action="store_true",
+        help="clients only over SASL_SSL (port; PLAIN, SCRAM-SHA-256/512) and mutual TLS (port+200); "
+        "certificates and users made in <dir>/tls/",
+    )
+    kafka.add_argument(
+        "--acls",
+        action="store_true",
+        help="with --secure: deny what no ACL allows; grants the worker its own",
+    )
     kafka.add_argument("--fetch-only", action="store_true", help="fetch the jars, print their folder, exit")
     kafka.set_defaults(func=cmd_kafka)
 
