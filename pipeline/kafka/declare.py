@@ -74,8 +74,8 @@ async def declare_topics(
                 error = for_code(code)
                 if error is TopicAuthorizationFailedError:
                     raise TopicsError(
-                        f"missing ACL: Create on topic {name} (grant Create, or create the topics "
-                        "beforehand and grant Describe; see deploy/README.md, Secured Kafka)"
+                        f"missing ACL: Create on topic {name} (a worker declares its topics at every "
+                        "start, and Faust its own: see deploy/README.md, Secured Kafka)"
                     )
                 if code and error is not TopicAlreadyExistsError:  # another worker was first
                     raise TopicsError(f"cannot create topic {name}: {error.__name__} {message or ''}")
