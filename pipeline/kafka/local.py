@@ -103,12 +103,14 @@ ACL_OPERATIONS = {
 ACL_ANY_OPERATION = 1
 ACL_ALLOW = 3
 
-# What `pipeline kafka --secure --acls` grants the worker's principals (SASL and mTLS): its topics
-# and consumer group all start with the default PIPELINE_APP_ID, "funnel".
+# What a worker needs, and all `pipeline kafka --secure --acls` grants its principals (SASL and
+# mTLS), for the default PIPELINE_APP_ID `funnel`: the table "Least privilege" of
+# deploy/README.md lists the same (tests/integration/test_secure_kafka.py runs a worker on them)
+WORKER_TOPIC_OPERATIONS = ("create", "describe", "read", "write")
 WORKER_GRANTS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
-    ("topic", "funnel", "prefixed", ("all",)),
-    ("group", "funnel", "prefixed", ("all",)),
-    ("cluster", "kafka-cluster", "literal", ("describe", "describe_configs", "idempotent_write")),
+    ("topic", "funnel.", "prefixed", WORKER_TOPIC_OPERATIONS),  # the pipeline's own topics
+    ("topic", "funnel-", "prefixed", WORKER_TOPIC_OPERATIONS),  # Faust's changelogs and leader topic
+    ("group", "funnel", "literal", ("read", "describe")),  # the stream stages' consumer group
 )
 
 

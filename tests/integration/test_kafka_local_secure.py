@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, TopicAuthorizationFailedError
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAuthorizationFailedError
 from aiokafka.helpers import create_ssl_context
 from conftest import ROOT
 from cryptography import x509
@@ -212,10 +212,18 @@ async def test_three_secure_nodes_survive_one_down(tmp_path: Path) -> None:
         await round_trip(client, "t.three", replicas=3)
         assert cluster.partitions(["t.three"])[("t.three", 0)][1] != []
         cluster.kill(2)
-        producer = AIOKafkaProducer(acks="all", request_timeout_ms=10_000, **client)
+        producer = AIOKafkaProducer(acks="all", request_timeout_ms=30_000, **client)
         await producer.start()
-        try:
-            await producer.send_and_wait("t.three", b"with node 2 down")
+        try:  # leadership moves off the dead node within seconds; on a loaded machine, more
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    await producer.send_and_wait("t.three", b"with node 2 down")
+                    break
+                except KafkaError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(1)
         finally:
             await producer.stop()
         cluster.restart(2)
