@@ -109,7 +109,10 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
         else "the client certificate"
     )
     if isinstance(exc, ssl.SSLCertVerificationError):
-        if exc.verify_code == 62 or "hostname" in str(exc.verify_message or exc).lower():
+        # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH (62) for a name, X509_V_ERR_IP_ADDRESS_MISMATCH
+        # (64, "IP address mismatch") for a broker reached by its address
+        message = str(exc.verify_message or exc).lower()
+        if exc.verify_code in (62, 64) or "hostname" in message or "ip address mismatch" in message:
             return (
                 "the broker's certificate does not match the host name it was reached by "
                 f"({exc.verify_message or exc}): use the name the certificate was issued for"

@@ -107,6 +107,12 @@ def test_failures_are_explained_by_kind():
         "Hostname mismatch, certificate is not valid for '127.0.0.1'",
     )
     assert "does not match the host name" in security.explain(mismatch, settings)
+    # what OpenSSL says for a broker reached by an IP address its certificate does not name
+    mismatch.verify_code, mismatch.verify_message = (
+        64,
+        "IP address mismatch, certificate is not valid for '127.0.0.1'.",
+    )
+    assert "does not match the host name" in security.explain(mismatch, settings)
     denied = security.explain(kafka_errors.SaslAuthenticationFailed("Authentication failed"), settings)
     assert "authentication failed" in denied and "SCRAM-SHA-512 as user 'worker'" in denied
     assert "s3cret-pw" not in denied
