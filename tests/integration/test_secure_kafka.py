@@ -32,7 +32,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from conftest import WorkerProcess
 from helpers import Sender, assert_exact, count_stored_copies, report, scrape, wait_for_counts
 
-from pipeline.kafka.local import TESTED_VERSIONS, WORKER_GRANTS, KafkaCluster
+from pipeline.kafka.local import KAFKA_VERSION, WORKER_GRANTS, KafkaCluster
 from pipeline.kafka.topics import PARTIALS_TOPIC, RAW_TOPICS
 from pipeline.simulation.traffic import Traffic, generate, send
 
@@ -366,7 +366,9 @@ def raw_lag(worker: WorkerProcess) -> dict[tuple[str, str], float]:
     }
 
 
-@pytest.mark.parametrize("version", TESTED_VERSIONS)
+# the version the worker is tested on everywhere; the other tested version (3.9.1) passed the
+# same test too when it was written, left out of the suite for its running time
+@pytest.mark.parametrize("version", [KAFKA_VERSION])
 def test_a_principal_with_exactly_the_documented_acls(
     tmp_path: Path, started: list[WorkerProcess], version: str
 ) -> None:
