@@ -325,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--sustained-brokers",
         default=None,
-        help="broker kinds the sustained-capacity phase runs on, comma-separated (tansu,kafka)",
+        help="broker kinds the sustained-capacity phase runs on, comma-separated (tansu,kafka); "
+        "any kind --brokers takes",
     )
     bench.add_argument(
         "--sustained-start",
@@ -340,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--brokers",
         default="tansu",
         help="brokers to run the broker-bound mechanisms on, one after the other: tansu (embedded), "
-        "kafka (Apache Kafka, one node), kafka-<version>; e.g. tansu,kafka",
+        "kafka (Apache Kafka, one node), kafka-<version>, kafka-sasl[-<version>] (the same node serving "
+        "only SASL_SSL, every client and worker with SCRAM-SHA-512); e.g. tansu,kafka; kafka,kafka-sasl "
+        "adds each row's ratio over SASL_SSL / plain TCP",
     )
     bench.add_argument(
         "--results",

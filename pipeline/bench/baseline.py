@@ -5,7 +5,8 @@ mark it seen, bump the campaign's click count and, for a new clicker, its unique
 and in the event's 1-minute window. Every table write is one RocksDB put and one changelog
 message. Tables are written on the partition of the event (keyed by subscriber), so per-campaign
 counts are per-partition sums, added up at the end. Run in its own process:
-``python -m pipeline.bench.baseline --broker B --topic T --expect N --status FILE --data-dir D``.
+``python -m pipeline.bench.baseline --broker B --topic T --expect N --status FILE --data-dir D``,
+connecting as its environment's ``PIPELINE_KAFKA_*`` variables say (TLS, SASL), as a worker would.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import faust
 
+    from pipeline.bench.common import security_settings
+    from pipeline.kafka.security import client_options, faust_credentials
     from pipeline.worker import quiet_faust_worker
 
+    connect = security_settings(os.environ)
     app = faust.App(
         f"bench-baseline-{os.getpid()}",
         broker=f"kafka://{args.broker}",
@@ -44,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         consumer_auto_offset_reset="earliest",
         table_standby_replicas=0,
         logging_config=None,
+        broker_credentials=faust_credentials(connect),  # None: plain TCP
     )
     topic = app.topic(args.topic, key_serializer="raw", value_serializer="json")
     seen = app.Table("seen", default=bool, partitions=4)
@@ -108,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.kafka.declare import declare_pipeline_topics
 
     changelogs = [table.changelog_topic for table in (seen, clicks, clickers, uniques)]
-    declare_pipeline_topics(args.broker, [topic, *changelogs], partitions=4, replication=1)
+    declare_pipeline_topics(
+        args.broker, [topic, *changelogs], partitions=4, replication=1, options=client_options(connect)
+    )
 
     worker = faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False)
     quiet_faust_worker(worker)  # as `pipeline worker` runs it
@@ -116,12 +124,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def measure(broker: str, topic: str, sample, workdir: Path, timeout: float = 240.0) -> dict[str, Any]:
-    """Run the baseline over ``topic`` (already holding ``sample`` as one-event messages)."""
+def measure(
+    broker: str,
+    topic: str,
+    sample,
+    workdir: Path,
+    timeout: float = 240.0,
+    *,
+    security: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run the baseline over ``topic`` (already holding ``sample`` as one-event messages);
+    ``security``: the ``PIPELINE_KAFKA_*`` variables it connects with."""
     import subprocess
     import sys
 
-    from pipeline.bench.common import wait_until_done
+    from pipeline.bench.common import client_env, wait_until_done
     from pipeline.bench.data import clicker_counts
     from pipeline.bench.topology import stop_worker
 
@@ -142,6 +159,7 @@ def measure(broker: str, topic: str, sample, workdir: Path, timeout: float = 240
             "--data-dir",
             str(workdir / "baseline-state"),
         ],
+        env=client_env(security),
         stdout=open(workdir / "baseline.log", "ab"),
         stderr=subprocess.STDOUT,
         start_new_session=True,

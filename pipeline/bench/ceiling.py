@@ -3,14 +3,17 @@
 The job: drop redelivered event ids, count total and unique clickers per campaign, overall and
 in 1-minute event-time windows. No validation, no durable state, no changelog: what a Python
 consumer can do at best on this machine, so the real topology can be compared with it.
-Run as ``python -m pipeline.bench.ceiling --broker B --topic T --expect N --status FILE``.
+Run as ``python -m pipeline.bench.ceiling --broker B --topic T --expect N --status FILE``, connecting
+as its environment's ``PIPELINE_KAFKA_*`` variables say (TLS, SASL), as a worker would.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +23,15 @@ from pipeline.bench.common import partitions_of, peak_rss_mib, write_json
 from pipeline.bench.data import WINDOW
 
 
-async def consume(broker: str, topic: str, expect: int) -> dict[str, Any]:
+async def consume(
+    broker: str, topic: str, expect: int, security: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
+    from pipeline.bench.common import kafka_options
+
     consumer = AIOKafkaConsumer(
+        **kafka_options(security),
         bootstrap_servers=broker,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -33,7 +41,8 @@ async def consume(broker: str, topic: str, expect: int) -> dict[str, Any]:
     )
     await consumer.start()
     try:
-        tps = [TopicPartition(topic, p) for p in (await partitions_of(broker, [topic]))[topic]]
+        found = await partitions_of(broker, [topic], security=security)
+        tps = [TopicPartition(topic, p) for p in found[topic]]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         seen: set[str] = set()
@@ -90,18 +99,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expect", type=int, required=True)
     parser.add_argument("--status", required=True)
     args = parser.parse_args(argv)
-    result = asyncio.run(consume(args.broker, args.topic, args.expect))
+    result = asyncio.run(consume(args.broker, args.topic, args.expect, os.environ))
     result["peak_rss_mib"] = peak_rss_mib()
     write_json(Path(args.status), result)
     return 0
 
 
-def measure(broker: str, topic: str, workload, workdir: Path, label: str = "ceiling") -> dict[str, Any]:
-    """Run the ceiling in its own process over ``topic`` (already holding the workload)."""
+def measure(
+    broker: str,
+    topic: str,
+    workload,
+    workdir: Path,
+    label: str = "ceiling",
+    *,
+    security: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run the ceiling in its own process over ``topic`` (already holding the workload);
+    ``security``: the ``PIPELINE_KAFKA_*`` variables it connects with."""
     import subprocess
     import sys
 
-    from pipeline.bench.common import read_json
+    from pipeline.bench.common import client_env, read_json
     from pipeline.bench.data import clicker_counts
 
     status = workdir / f"{label}.status.json"
@@ -121,6 +139,7 @@ def measure(broker: str, topic: str, workload, workdir: Path, label: str = "ceil
         ],
         check=True,
         timeout=300,
+        env=client_env(security),
     )
     doc = read_json(status)
     want = clicker_counts(workload.expected)

@@ -1,11 +1,15 @@
-"""Shared helpers of the bench: peak RSS, status files, progress on stderr, producing events."""
+"""Shared helpers of the bench: peak RSS, status files, progress on stderr, producing events,
+and the brokers it runs on (:func:`open_broker`), with how their clients connect."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +86,131 @@ def run_async(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-async def produce_batched(broker: str, events: list[dict[str, Any]], request_size: int = 1000) -> float:
-    """Publish like the HTTP ingest does (per request: group by partition, one message a group)."""
+# --- the brokers and how their clients connect --------------------------------------------------
+
+# the PIPELINE_KAFKA_* variables that say how a Kafka client connects (pipeline.kafka.security)
+SECURITY_VARIABLES = (
+    "PIPELINE_KAFKA_SECURITY_PROTOCOL",
+    "PIPELINE_KAFKA_SASL_MECHANISM",
+    "PIPELINE_KAFKA_SASL_USERNAME",
+    "PIPELINE_KAFKA_SASL_PASSWORD",
+    "PIPELINE_KAFKA_SASL_PASSWORD_FILE",
+    "PIPELINE_KAFKA_SSL_CAFILE",
+    "PIPELINE_KAFKA_SSL_CERTFILE",
+    "PIPELINE_KAFKA_SSL_KEYFILE",
+)
+SASL_PREFIX = "kafka-sasl"  # kafka-sasl, kafka-sasl-<version>: one node serving SASL_SSL
+SASL_MECHANISM = "SCRAM-SHA-512"
+SASL_USER = "worker"
+
+
+@dataclass(frozen=True)
+class BenchBroker:
+    """A broker the bench runs a mechanism on: its clients' bootstrap address and the
+    ``PIPELINE_KAFKA_*`` variables every client and worker of it connects with (none: plain TCP)."""
+
+    kind: str
+    address: str
+    security: Mapping[str, str] = field(default_factory=dict)
+
+
+def kafka_version(kind: str) -> str | None:
+    """The Apache Kafka version of a broker kind (None: the embedded Tansu); raises on an unknown one."""
+    from pipeline.kafka.local import KAFKA_VERSION
+
+    if kind == "tansu":
+        return None
+    for prefix in (SASL_PREFIX, "kafka"):
+        if kind == prefix:
+            return KAFKA_VERSION
+        if kind.startswith(prefix + "-"):
+            return kind[len(prefix) + 1 :]
+    raise ValueError(
+        f"unknown broker kind {kind!r}: tansu, kafka, kafka-<version>, kafka-sasl or kafka-sasl-<version>"
+    )
+
+
+def is_sasl(kind: str) -> bool:
+    return kind == SASL_PREFIX or kind.startswith(SASL_PREFIX + "-")
+
+
+@contextlib.contextmanager
+def open_broker(kind: str, workdir: Path, name: str) -> Iterator[BenchBroker]:
+    """A fresh broker of ``kind``, stopped on exit: ``tansu`` (embedded), ``kafka`` or
+    ``kafka-<version>`` (one Apache Kafka node, plain TCP), ``kafka-sasl`` or
+    ``kafka-sasl-<version>`` (one node serving clients only on SASL_SSL: SCRAM-SHA-512 as
+    user ``worker``, its certificate signed by the cluster's own CA)."""
+    version = kafka_version(kind)
+    if version is None:
+        from pipeline.kafka.tansu import EmbeddedBroker
+
+        with EmbeddedBroker(log_path=workdir / f"{name}.log") as broker:
+            yield BenchBroker(kind, broker.address)
+        return
+    from pipeline.kafka.local import KafkaCluster
+
+    if not is_sasl(kind):
+        with KafkaCluster(workdir / name, brokers=1, version=version) as cluster:
+            yield BenchBroker(kind, cluster.bootstrap)
+        return
+    with KafkaCluster(workdir / name, brokers=1, version=version, security="secure") as cluster:
+        yield BenchBroker(kind, cluster.bootstrap, sasl_variables(cluster.tls_dir))
+
+
+def sasl_variables(tls_dir: Path) -> dict[str, str]:
+    """What a worker of a secure local cluster needs (as ``pipeline kafka --secure`` prints it):
+    SASL_SSL, SCRAM-SHA-512 as user worker, the password from its file, the cluster's CA."""
+    return {
+        "PIPELINE_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "PIPELINE_KAFKA_SASL_MECHANISM": SASL_MECHANISM,
+        "PIPELINE_KAFKA_SASL_USERNAME": SASL_USER,
+        "PIPELINE_KAFKA_SASL_PASSWORD_FILE": str(tls_dir / f"{SASL_USER}.password"),
+        "PIPELINE_KAFKA_SSL_CAFILE": str(tls_dir / "ca.pem"),
+    }
+
+
+def security_settings(env: Mapping[str, str] | None) -> Any:
+    """The :class:`~pipeline.settings.Settings` of these ``PIPELINE_KAFKA_*`` variables (any
+    others in ``env`` ignored), checked as a worker checks them, the password read from its file."""
+    from pipeline.settings import Settings
+
+    return Settings.from_env({k: v for k, v in (env or {}).items() if k in SECURITY_VARIABLES})
+
+
+def kafka_options(security: Mapping[str, str] | None) -> dict[str, Any]:
+    """aiokafka's TLS and SASL keyword arguments for these variables (``{}``: plain TCP)."""
+    if not security:
+        return {}
+    from pipeline.kafka.security import client_options
+
+    return client_options(security_settings(security))
+
+
+def client_env(security: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a process the bench starts: this one's without any
+    ``PIPELINE_KAFKA_*`` connection variables, then ``security`` (plain TCP means plain TCP)."""
+    env = {k: v for k, v in os.environ.items() if k not in SECURITY_VARIABLES}
+    env.update(security or {})
+    return env
+
+
+async def produce_batched(
+    broker: str,
+    events: list[dict[str, Any]],
+    request_size: int = 1000,
+    *,
+    security: Mapping[str, str] | None = None,
+) -> float:
+    """Publish like the HTTP ingest does (per request: group by partition, one message a group);
+    ``security``: the ``PIPELINE_KAFKA_*`` variables of the broker's clients."""
+    from dataclasses import fields
+
     from pipeline.ingest.producer import EventProducer
     from pipeline.settings import Settings
 
-    producer = EventProducer(Settings(broker=broker, idempotent_producer=False))
+    connect = security_settings(security)
+    kafka = {f.name: getattr(connect, f.name) for f in fields(Settings) if f.name.startswith("kafka_")}
+    producer = EventProducer(Settings(broker=broker, idempotent_producer=False, **kafka))
     started = time.perf_counter()
     try:
         pending: list[asyncio.Task] = []
@@ -102,14 +225,24 @@ async def produce_batched(broker: str, events: list[dict[str, Any]], request_siz
     return time.perf_counter() - started
 
 
-async def produce_single(broker: str, topic: str, events: list[dict[str, Any]], partitions: int = 4) -> None:
-    """One event per message, keyed by subscriber: what a direct producer writes."""
+async def produce_single(
+    broker: str,
+    topic: str,
+    events: list[dict[str, Any]],
+    partitions: int = 4,
+    *,
+    security: Mapping[str, str] | None = None,
+) -> None:
+    """One event per message, keyed by subscriber: what a direct producer writes.
+    ``security``: the ``PIPELINE_KAFKA_*`` variables of the broker's clients."""
     from aiokafka import AIOKafkaProducer
 
     from pipeline.events import routing_key
     from pipeline.kafka.topics import partition_for
 
-    producer = AIOKafkaProducer(bootstrap_servers=broker, acks="all", linger_ms=5, enable_idempotence=False)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=broker, acks="all", linger_ms=5, enable_idempotence=False, **kafka_options(security)
+    )
     await producer.start()
     try:
         futures = []
@@ -126,7 +259,12 @@ async def produce_single(broker: str, topic: str, events: list[dict[str, Any]], 
 
 
 async def produce_direct(
-    broker: str, events: list[dict[str, Any]], *, misplaced: bool = False, partitions: int = 4
+    broker: str,
+    events: list[dict[str, Any]],
+    *,
+    misplaced: bool = False,
+    partitions: int = 4,
+    security: Mapping[str, str] | None = None,
 ) -> tuple[float, int]:
     """One canonical event per record on its raw topic, keyed by subscriber: what a Kafka client
     writing directly sends. Each record goes to the partition the rule gives
@@ -134,13 +272,16 @@ async def produce_direct(
     or with ``misplaced`` to another one: the n-th record to ``right + 1 + n % (partitions - 1)``,
     so a subscriber's records, and an event and its redeliveries, spread over the wrong
     partitions (counted where they land, they would not be exact). Returns the seconds it took
-    and how many records the broker acknowledged on a partition other than their right one."""
+    and how many records the broker acknowledged on a partition other than their right one.
+    ``security``: the ``PIPELINE_KAFKA_*`` variables of the broker's clients."""
     from aiokafka import AIOKafkaProducer
 
     from pipeline.events import routing_key
     from pipeline.kafka.topics import partition_for, raw_topic
 
-    producer = AIOKafkaProducer(bootstrap_servers=broker, acks="all", linger_ms=5, enable_idempotence=False)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=broker, acks="all", linger_ms=5, enable_idempotence=False, **kafka_options(security)
+    )
     await producer.start()
     started = time.perf_counter()
     try:
@@ -164,10 +305,12 @@ async def produce_direct(
     return time.perf_counter() - started, elsewhere
 
 
-async def create_topics(broker: str, topics: list[str], partitions: int = 4) -> None:
+async def create_topics(
+    broker: str, topics: list[str], partitions: int = 4, *, security: Mapping[str, str] | None = None
+) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=broker)
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker, **kafka_options(security))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -178,12 +321,14 @@ async def create_topics(broker: str, topics: list[str], partitions: int = 4) -> 
         await admin.close()
 
 
-async def partitions_of(broker: str, topics: list[str]) -> dict[str, list[int]]:
+async def partitions_of(
+    broker: str, topics: list[str], *, security: Mapping[str, str] | None = None
+) -> dict[str, list[int]]:
     """The partitions of existing topics. A consumer that subscribes to nothing has no metadata
     of a topic (Tansu sends every topic's anyway, Apache Kafka only what is asked for)."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=broker)
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker, **kafka_options(security))
     await admin.start()
     try:
         found = await admin.describe_topics(topics)

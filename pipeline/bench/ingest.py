@@ -10,16 +10,17 @@ requests in flight, so the client's own cost stays small.
 from __future__ import annotations
 
 import asyncio
-import os
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from pipeline.bench.common import median_of, peak_rss_mib, progress
+from pipeline.bench.common import client_env, median_of, peak_rss_mib, progress
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -30,15 +31,19 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Worker:
-    """A ``pipeline worker`` process with its HTTP port."""
+    """A ``pipeline worker`` process with its HTTP port; ``security``: the ``PIPELINE_KAFKA_*``
+    variables it connects to the broker with (TLS, SASL), in its environment as a deployment sets them."""
 
-    def __init__(self, broker: str, workdir: Path, name: str = "ingest") -> None:
+    def __init__(
+        self, broker: str, workdir: Path, name: str = "ingest", security: Mapping[str, str] | None = None
+    ) -> None:
         from pipeline.kafka.tansu import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / f"{name}.log"
         env = {
-            **os.environ,
+            **client_env(security),
             "PIPELINE_BROKER": broker,
             "PIPELINE_PORT": str(self.port),
             "PIPELINE_DATA_DIR": str(workdir / f"{name}-state"),
@@ -47,7 +52,7 @@ class Worker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline", "worker", "--loglevel", "warning"],
             env=env,
-            stdout=open(workdir / f"{name}.log", "ab"),
+            stdout=open(self.log_path, "ab"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -68,6 +73,27 @@ class Worker:
 
     def peak_rss_mib(self) -> float:
         return peak_rss_mib(self.proc.pid)
+
+    def failure(self, wait: float = 0.0) -> str | None:
+        """Why the worker is no longer sound, or None: it exited, or one of its services crashed
+        (its log says so a moment before it exits; its ingest processes may still answer 202
+        meanwhile). ``wait``: seconds to wait for it to exit first (after a failed request)."""
+        if wait:
+            try:
+                self.proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            text = ""
+        crashed = re.findall(r"Crashed reason=(.*?)\s*$", text, re.MULTILINE)
+        code = self.proc.poll()
+        if code is None and not crashed:
+            return None
+        state = "still running" if code is None else f"exited with {code}"
+        reason = f"crashed: {crashed[-1]}" if crashed else "no crash in its log"
+        return f"the pipeline worker {state}, {reason} (see {self.log_path})"
 
     def stop(self) -> None:
         from pipeline.bench.topology import stop_worker

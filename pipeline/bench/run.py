@@ -2,7 +2,9 @@
 
 Phases, each in processes of its own (so each peak RSS is its own), for each broker kind asked
 for (``--brokers``: the embedded broker ``tansu``, Apache Kafka ``kafka`` or ``kafka-<version>``,
-one node on loopback), one after the other on the same events:
+one node on loopback, or ``kafka-sasl`` / ``kafka-sasl-<version>``, the same node serving only
+SASL_SSL, every client and worker connecting with SCRAM-SHA-512 as user ``worker``), one after
+the other on the same events:
 
 1. broker A: the workload is produced once as the ingest produces it (batched per
    partition) and its first ``--baseline-events`` once more as one-event messages;
@@ -15,40 +17,42 @@ one node on loopback), one after the other on the same events:
 4. embedded broker C: two real-topology workers on one hot campaign;
 5. sustained capacity end to end (:mod:`.sustained`): ``pipeline worker`` fed over HTTP at
    rising rates, on a fresh broker of each kind (the embedded Tansu, Apache Kafka).
+
+With ``kafka-sasl`` and its plain-TCP kind (``kafka``) both asked for, every row both measured
+is also given as a ratio over SASL_SSL / plain TCP (``result["over_sasl_ssl"]``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from pipeline.bench import baseline, ceiling, ingest, latency, memory, scale, topology
-from pipeline.bench.common import create_topics, median_of, produce_single, progress, run_async
+from pipeline.bench.common import (
+    create_topics,
+    kafka_version,
+    median_of,
+    open_broker,
+    produce_single,
+    progress,
+    run_async,
+    security_settings,
+)
 from pipeline.bench.data import generate
 from pipeline.bench.table import machine as report_machine
-from pipeline.kafka.local import KAFKA_VERSION, KafkaCluster
-from pipeline.kafka.tansu import EmbeddedBroker
+from pipeline.bench.table import over_sasl_ssl
+from pipeline.kafka.security import describe
 from pipeline.kafka.topics import RAW_TOPICS, raw_topic
 
 SINGLE_TOPIC = "bench.single"
 DIRECT_LAYOUTS = ("keyed", "misplaced")  # direct single-event records: right and wrong partitions
-
-
-def broker_for(kind: str, workdir: Path, name: str) -> contextlib.AbstractContextManager[Any]:
-    """A fresh broker of ``kind``: ``tansu`` (embedded), ``kafka`` or ``kafka-<version>`` (one node)."""
-    if kind == "tansu":
-        return EmbeddedBroker(log_path=workdir / f"{name}.log")
-    if kind == "kafka" or kind.startswith("kafka-"):
-        return KafkaCluster(workdir / name, brokers=1, version=kind.partition("-")[2] or KAFKA_VERSION)
-    raise ValueError(f"unknown broker kind {kind!r}: tansu, kafka or kafka-<version>")
 
 
 def defaults(small: bool) -> dict[str, Any]:
@@ -97,8 +101,8 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     }
     started = time.monotonic()
     kinds = list(options.get("brokers") or ["tansu"])
-    for kind in kinds:
-        broker_for(kind, workdir, "check")  # an unknown kind stops the run before any work
+    for kind in kinds + list(options.get("sustained_brokers") or []):
+        kafka_version(kind)  # an unknown kind stops the run before any work
     result["config"]["brokers"] = kinds
 
     def phase(name: str, fn: Any, kind: str | None = None) -> None:
@@ -129,6 +133,9 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
             kind, kind_dir, cfg, options, workload, sample, section, functools.partial(phase, kind=kind)
         )
     result.update(result["by_broker"][kinds[0]])  # the first broker's figures head the report
+    sasl = over_sasl_ssl(result)
+    if sasl:
+        result["over_sasl_ssl"] = sasl
 
     def do_memory() -> None:
         progress(f"memory: dedupe state of {cfg['subscribers']:,} subscribers")
@@ -178,11 +185,13 @@ def broker_phases(
     """Every mechanism that needs a broker, on fresh brokers of ``kind``; figures into ``result``."""
     skip = set(options.get("skip") or ())
     progress(f"broker: {kind}")
-    with broker_for(kind, workdir, "broker-a") as broker:
+    with open_broker(kind, workdir, "broker-a") as broker:
+        security = broker.security  # PIPELINE_KAFKA_* of every client and worker (none: plain TCP)
+        result["connection"] = describe(security_settings(security))  # never the password
 
         def produce_all() -> None:
-            run_async(create_topics(broker.address, [*RAW_TOPICS, SINGLE_TOPIC]))
-            run_async(produce_single(broker.address, SINGLE_TOPIC, sample.events))
+            run_async(create_topics(broker.address, [*RAW_TOPICS, SINGLE_TOPIC], security=security))
+            run_async(produce_single(broker.address, SINGLE_TOPIC, sample.events, security=security))
 
         phase("produce", produce_all)
 
@@ -191,13 +200,13 @@ def broker_phases(
             # on a fresh broker (its topics would otherwise hold the earlier run's state), and
             # the median run is reported with every run's rate beside it
             profile = options.get("profile", False)
-            runs = [topology.measure(broker.address, workload, workdir, profile=profile)]
+            runs = [topology.measure(broker.address, workload, workdir, profile=profile, security=security)]
             for n in range(2, cfg["topology_runs"] + 1):
                 progress(f"topology: run {n} of {cfg['topology_runs']} on a fresh broker")
                 rundir = workdir / f"topology-run{n}"
                 rundir.mkdir(exist_ok=True)
-                with broker_for(kind, rundir, "broker") as fresh:
-                    runs.append(topology.measure(fresh.address, workload, rundir))
+                with open_broker(kind, rundir, "broker") as fresh:
+                    runs.append(topology.measure(fresh.address, workload, rundir, security=fresh.security))
             result["topology"] = median_run(runs)
             progress(
                 f"topology: {result['topology']['events_per_s']:,.0f} events/s (median of "
@@ -217,8 +226,12 @@ def broker_phases(
                     progress(f"direct-{layout}: run {n} of {cfg['topology_runs']} on a fresh broker")
                     rundir = workdir / f"direct-{layout}-run{n}"
                     rundir.mkdir(exist_ok=True)
-                    with broker_for(kind, rundir, "broker") as fresh:
-                        runs[layout].append(topology.measure(fresh.address, workload, rundir, layout=layout))
+                    with open_broker(kind, rundir, "broker") as fresh:
+                        runs[layout].append(
+                            topology.measure(
+                                fresh.address, workload, rundir, layout=layout, security=fresh.security
+                            )
+                        )
             for layout in DIRECT_LAYOUTS:
                 row = result[f"direct_{layout}"] = median_run(runs[layout])
                 progress(
@@ -232,7 +245,14 @@ def broker_phases(
             # under a second of work: one burst of other work on this shared machine moves it
             # a lot, so it runs as often as the topology and the median is reported
             runs = [
-                ceiling.measure(broker.address, raw_topic("click"), workload, workdir, label=f"ceiling{n}")
+                ceiling.measure(
+                    broker.address,
+                    raw_topic("click"),
+                    workload,
+                    workdir,
+                    label=f"ceiling{n}",
+                    security=security,
+                )
                 for n in range(cfg["topology_runs"])
             ]
             result["ceiling"] = median_run(runs)
@@ -245,14 +265,16 @@ def broker_phases(
 
         def do_baseline() -> None:
             progress(f"baseline: {sample.total:,} one-event messages through natural-style Faust")
-            result["baseline"] = baseline.measure(broker.address, SINGLE_TOPIC, sample, workdir)
+            result["baseline"] = baseline.measure(
+                broker.address, SINGLE_TOPIC, sample, workdir, security=security
+            )
             progress(f"baseline: {result['baseline']['events_per_s']:,.0f} events/s")
 
         phase("baseline", do_baseline)
 
     def do_http() -> None:
-        with broker_for(kind, workdir, "broker-b") as broker:
-            run_async(http_phases(broker.address, workdir, cfg, result, skip))
+        with open_broker(kind, workdir, "broker-b") as broker:
+            run_async(http_phases(broker.address, workdir, cfg, result, skip, broker.security))
 
     if not {"ingest", "latency"} <= skip:
         phase("http", do_http)
@@ -261,16 +283,18 @@ def broker_phases(
         hot = generate(
             cfg["scale_events"], campaigns=1, subscribers=cfg["population"], seed=11, hot_campaign="hot-sale"
         )
-        with broker_for(kind, workdir, "broker-c") as broker:
-            result["scale"] = scale.measure(broker.address, hot, workdir)
+        with open_broker(kind, workdir, "broker-c") as broker:
+            result["scale"] = scale.measure(broker.address, hot, workdir, security=broker.security)
 
     phase("scale", do_scale)
 
 
-async def http_phases(broker: str, workdir: Path, cfg: dict, result: dict, skip: set) -> None:
+async def http_phases(
+    broker: str, workdir: Path, cfg: dict, result: dict, skip: set, security: Mapping[str, str] | None = None
+) -> None:
     import aiohttp
 
-    worker = ingest.Worker(broker, workdir)
+    worker = ingest.Worker(broker, workdir, security=security)
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
             progress("http: starting a pipeline worker")
@@ -284,7 +308,13 @@ async def http_phases(broker: str, workdir: Path, cfg: dict, result: dict, skip:
                 redeliveries=0.0,
             ).events
             if "ingest" not in skip:
-                result["ingest"] = await ingest.measure(session, worker, events, cfg["ingest_plan"], runs)
+                try:
+                    result["ingest"] = await ingest.measure(session, worker, events, cfg["ingest_plan"], runs)
+                except Exception as exc:  # a refused connection says less than the worker's own log
+                    failure = worker.failure(wait=10)
+                    if failure:
+                        raise RuntimeError(f"during the HTTP ingest rows {failure}") from exc
+                    raise
                 for row in result["ingest"]:
                     progress(
                         f"ingest: batches of {row['batch']}: {row['events_per_s']:,.0f} events/s, "
@@ -302,6 +332,9 @@ async def http_phases(broker: str, workdir: Path, cfg: dict, result: dict, skip:
                 result["latency"] = await latency.measure(session, worker, events, rate, cfg["probes"])
                 lat = result["latency"]
                 progress(f"latency: p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms")
+            failure = worker.failure()
+            if failure:  # every request answered, but the figures are of a worker that broke
+                raise RuntimeError(f"by the end of the HTTP rows {failure}")
     finally:
         result["ingest_worker_peak_rss_mib"] = worker.peak_rss_mib()
         worker.stop()

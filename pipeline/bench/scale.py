@@ -10,6 +10,7 @@ its dedupe stage applied.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,14 @@ from pipeline.bench.topology import compare, start_worker, stop_worker
 from pipeline.kafka.topics import raw_topic
 
 
-def measure(broker: str, workload, workdir: Path, timeout: float = 180.0) -> dict[str, Any]:
-    workers = [start_worker(broker, workdir, "bench-scale", f"scale-{n}", workload.total) for n in range(2)]
+def measure(
+    broker: str, workload, workdir: Path, timeout: float = 180.0, *, security: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """``security``: the ``PIPELINE_KAFKA_*`` variables the workers and the producer connect with."""
+    workers = [
+        start_worker(broker, workdir, "bench-scale", f"scale-{n}", workload.total, security=security)
+        for n in range(2)
+    ]
     topic = raw_topic("click")
     try:
         deadline = time.monotonic() + 90
@@ -38,7 +45,7 @@ def measure(broker: str, workload, workdir: Path, timeout: float = 180.0) -> dic
             f"scale: partitions split {sorted(owned[0])} / {sorted(owned[1])}; "
             f"producing {workload.total} events of one campaign"
         )
-        run_async(produce_batched(broker, workload.events))
+        run_async(produce_batched(broker, workload.events, security=security))
         deadline = time.monotonic() + timeout
         while True:
             docs = [read_json(status) or {} for _, status in workers]

@@ -41,7 +41,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.bench.common import peak_rss_mib, progress
+from pipeline.bench.common import client_env, kafka_version, open_broker, peak_rss_mib, progress
 from pipeline.bench.data import expected_counts, generate
 from pipeline.bench.ingest import percentile
 
@@ -230,7 +230,7 @@ class WorkerUnderTest:
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         self.log_path = workdir / "sustained-worker.log"
         env = {
-            **os.environ,
+            **client_env(),  # without PIPELINE_KAFKA_* connection variables but those of extra_env
             "PIPELINE_BROKER": broker,
             "PIPELINE_PORT": str(self.port),
             "PIPELINE_ADMIN_PORT": str(self.admin_port),
@@ -761,26 +761,24 @@ def measure(
 def measure_on(
     kinds: list[str], workdir: Path, *, small: bool = False, start_rate: float | None = None
 ) -> dict[str, dict[str, Any]]:
-    """:func:`measure` on a fresh broker of each kind: ``tansu`` (embedded) or ``kafka``
-    (one Apache Kafka node from its jars, see :mod:`pipeline.kafka`), one after the other."""
-    from pipeline.kafka.local import KafkaCluster
-    from pipeline.kafka.tansu import EmbeddedBroker
+    """:func:`measure` on a fresh broker of each kind: ``tansu`` (embedded), ``kafka`` or
+    ``kafka-<version>`` (one Apache Kafka node from its jars, see :mod:`pipeline.kafka`),
+    ``kafka-sasl`` (the same serving SASL_SSL, the worker connecting with SCRAM-SHA-512), one
+    after the other (:func:`~pipeline.bench.common.open_broker`)."""
+    for kind in kinds:
+        kafka_version(kind)  # an unknown kind stops the run before any work
 
     results: dict[str, dict[str, Any]] = {}
     for kind in kinds:
         rundir = Path(workdir) / f"sustained-{kind}"
         rundir.mkdir(parents=True, exist_ok=True)
-        if kind == "tansu":
-            with EmbeddedBroker(log_path=rundir / "broker.log") as broker:
-                results[kind] = measure(broker.address, kind, rundir, small=small, start_rate=start_rate)
-        elif kind.startswith("kafka"):
-            version = kind.partition("-")[2] or None
-            cluster = KafkaCluster(rundir / "kafka", brokers=1, **({"version": version} if version else {}))
-            progress(f"sustained: starting Apache Kafka {cluster.version} (one node)")
-            with cluster:
-                results[kind] = measure(cluster.bootstrap, kind, rundir, small=small, start_rate=start_rate)
-        else:
-            raise ValueError(f"unknown broker kind {kind!r} (tansu, kafka, kafka-<version>)")
+        if kind != "tansu":
+            progress(f"sustained: starting Apache Kafka {kafka_version(kind)} (one node, {kind})")
+        with open_broker(kind, rundir, "kafka" if kind != "tansu" else "broker") as broker:
+            security = dict(broker.security)  # the worker's PIPELINE_KAFKA_* (none: plain TCP)
+            results[kind] = measure(
+                broker.address, kind, rundir, small=small, start_rate=start_rate, extra_env=security
+            )
     return results
 
 

@@ -180,11 +180,13 @@ def _target(name: str, value: float, target: float, op: str) -> dict[str, Any]:
 
 
 def broker_name(kind: str) -> str:
+    from pipeline.bench.common import SASL_MECHANISM, is_sasl, kafka_version
+
     if kind == "tansu":
         return "embedded broker (Tansu)"
-    from pipeline.kafka.local import KAFKA_VERSION
-
-    return f"Apache Kafka {kind.partition('-')[2] or KAFKA_VERSION} (one node)"
+    if is_sasl(kind):
+        return f"Apache Kafka {kafka_version(kind)} (one node, SASL_SSL, {SASL_MECHANISM})"
+    return f"Apache Kafka {kafka_version(kind)} (one node)"
 
 
 SIDE_BY_SIDE = (
@@ -222,7 +224,8 @@ def side_by_side(result: dict[str, Any]) -> list[str]:
         return []
     sections = [result["by_broker"][kind] for kind in kinds]
     head = f"{'side by side, same events, one run':<44}" + "".join(f"{kind:>14}" for kind in kinds)
-    head += "".join(f"{kind + '/' + kinds[0]:>16}" for kind in kinds[1:])
+    width = max([16, *(len(kind) + len(kinds[0]) + 3 for kind in kinds[1:])])
+    head += "".join(f"{kind + '/' + kinds[0]:>{width}}" for kind in kinds[1:])
     lines = ["", head]
     for label, figure in SIDE_BY_SIDE:
         values = [figure(section) for section in sections]
@@ -232,10 +235,89 @@ def side_by_side(result: dict[str, Any]) -> list[str]:
         row = f"{label:<44}" + "".join(f"{_n(value, digits):>14}" for value in values)
         for value in values[1:]:
             ratio = value / values[0] if value is not None and values[0] else None
-            row += f"{(f'{ratio:.2f}x' if ratio is not None else '-'):>16}"
+            row += f"{(f'{ratio:.2f}x' if ratio is not None else '-'):>{width}}"
         lines.append(row)
     exact = [all(section.get(k, {}).get("exact", True) for k in EXACT_ROWS) for section in sections]
     lines.append(f"{'every count exact':<44}" + "".join(f"{('yes' if e else 'NO'):>14}" for e in exact))
+    return lines
+
+
+def over_sasl_ssl(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every row measured on a SASL_SSL broker and on plain TCP to the same Apache Kafka version
+    in this run (``--brokers kafka,kafka-sasl``): both figures and SASL_SSL / plain TCP. Rates
+    below 1.0x and latencies or CPU above it are what TLS and SASL cost."""
+    from pipeline.bench.common import is_sasl, kafka_version
+
+    by_broker = result.get("by_broker") or {}
+    rows = []
+    for sasl_kind, sasl_section in by_broker.items():
+        if not is_sasl(sasl_kind):
+            continue
+        plain_kind = next(
+            (
+                kind
+                for kind in by_broker
+                if kind != "tansu" and not is_sasl(kind) and kafka_version(kind) == kafka_version(sasl_kind)
+            ),
+            None,
+        )
+        if plain_kind is None:
+            continue
+        plain_section = by_broker[plain_kind]
+        parent = ""
+        for label, figure in SIDE_BY_SIDE:
+            name = label.strip()
+            if name.startswith("its "):  # the CPU of the row above
+                name = f"{parent}: {name[4:]}"
+            else:
+                parent = name.split(" (")[0]
+            plain, sasl = figure(plain_section), figure(sasl_section)
+            if plain is None or sasl is None:
+                continue
+            rows.append(
+                {
+                    "row": name,
+                    "plain_broker": plain_kind,
+                    "sasl_broker": sasl_kind,
+                    "plain": plain,
+                    "sasl_ssl": sasl,
+                    "ratio": sasl / plain if plain else None,
+                }
+            )
+    return rows
+
+
+def render_over_sasl_ssl(result: dict[str, Any]) -> list[str]:
+    """The ratio lines of :func:`over_sasl_ssl`, one per row both brokers measured."""
+    from pipeline.bench.common import SASL_MECHANISM, SASL_USER, kafka_version
+
+    rows = result.get("over_sasl_ssl") or over_sasl_ssl(result)
+    if not rows:
+        return []
+    lines = []
+    pairs = dict.fromkeys((row["sasl_broker"], row["plain_broker"]) for row in rows)
+    by_broker = result.get("by_broker") or {}
+    for sasl_kind, plain_kind in pairs:
+        lines.append("")
+        lines.append(f"over SASL_SSL / plain TCP: {sasl_kind} / {plain_kind}, same events, one run")
+        lines.append(
+            f"(Apache Kafka {kafka_version(sasl_kind)}, one node each; {sasl_kind}: every client and worker "
+            f"on SASL_SSL, {SASL_MECHANISM} as user {SASL_USER}, the broker verified with its CA)"
+        )
+        lines.append(f"{'':<60}{'plain TCP':>12}{'SASL_SSL':>12}{'SASL/plain':>12}")
+        for row in rows:
+            if (row["sasl_broker"], row["plain_broker"]) != (sasl_kind, plain_kind):
+                continue
+            digits = 1 if "CPU" in row["row"] else 0
+            ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "-"
+            lines.append(
+                f"{row['row']:<60}{_n(row['plain'], digits):>12}{_n(row['sasl_ssl'], digits):>12}{ratio:>12}"
+            )
+        exact = [
+            all(by_broker.get(kind, {}).get(k, {}).get("exact", True) for k in EXACT_ROWS)
+            for kind in (plain_kind, sasl_kind)
+        ]
+        lines.append(f"{'every count exact':<60}" + "".join(f"{('yes' if e else 'NO'):>12}" for e in exact))
     return lines
 
 
@@ -350,6 +432,7 @@ def render(result: dict[str, Any]) -> str:
             f"{scale['events_per_s']:,.0f} events/s together, exact: {'yes' if scale['exact'] else 'NO'}"
         )
     lines += side_by_side(result)
+    lines += render_over_sasl_ssl(result)
     if result.get("sustained"):
         from pipeline.bench.sustained import render as render_sustained
 

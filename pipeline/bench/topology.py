@@ -14,6 +14,7 @@ import argparse
 import os
 import resource
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     import faust
 
     from pipeline.kafka.declare import declare_pipeline_topics
+    from pipeline.kafka.security import client_options
     from pipeline.settings import Settings
     from pipeline.stages.topology import create_pipeline
     from pipeline.worker import quiet_faust_worker
@@ -136,7 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         write_status()
 
     worker = faust.Worker(pipeline.app, loglevel="warning", quiet=True, redirect_stdouts=False)
-    declare_pipeline_topics(settings.broker or "", pipeline.topics, settings.partitions, settings.replication)
+    declare_pipeline_topics(
+        settings.broker or "",
+        pipeline.topics,
+        settings.partitions,
+        settings.replication,
+        client_options(settings),  # TLS and SASL as the stages connect (PIPELINE_KAFKA_*)
+    )
     quiet_faust_worker(worker)  # as `pipeline worker` runs it
     worker.execute_from_commandline()
     return 0
@@ -150,10 +158,17 @@ if __name__ == "__main__":
 
 
 def worker_env(
-    broker: str, data_dir: Path, app_id: str, port: int, extra: dict[str, str] | None = None
+    broker: str,
+    data_dir: Path,
+    app_id: str,
+    port: int,
+    extra: dict[str, str] | None = None,
+    security: Mapping[str, str] | None = None,
 ) -> dict:
+    from pipeline.bench.common import client_env
+
     return {
-        **os.environ,
+        **client_env(security),  # the PIPELINE_KAFKA_* variables of the broker's clients
         "PIPELINE_BROKER": broker,
         "PIPELINE_APP_ID": app_id,
         "PIPELINE_DATA_DIR": str(data_dir),
@@ -172,6 +187,7 @@ def start_worker(
     expect: int,
     profile: bool = False,
     extra_env: dict[str, str] | None = None,
+    security: Mapping[str, str] | None = None,
 ):
     import subprocess
     import sys
@@ -186,7 +202,7 @@ def start_worker(
     log = open(workdir / f"{name}.log", "ab")
     proc = subprocess.Popen(
         cmd,
-        env=worker_env(broker, workdir / f"{name}-state", app_id, free_port(), extra_env),
+        env=worker_env(broker, workdir / f"{name}-state", app_id, free_port(), extra_env, security),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -244,12 +260,14 @@ def measure(
     layout: str = "batched",
     profile: bool = False,
     timeout: float = 300.0,
+    security: Mapping[str, str] | None = None,
 ) -> dict:
     """Preload the events, then time one worker from first batch to last snapshot.
 
     ``layout``: ``batched`` as the ingest writes them (one message per request and partition),
     ``keyed`` one event per record on its right partition, ``misplaced`` one event per record,
-    each on a wrong partition (:func:`~pipeline.bench.common.produce_direct`).
+    each on a wrong partition (:func:`~pipeline.bench.common.produce_direct`). ``security``:
+    the ``PIPELINE_KAFKA_*`` variables the producers, the admin client and the worker connect with.
     """
     from pipeline.bench.common import (
         create_topics,
@@ -264,18 +282,21 @@ def measure(
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: one of {', '.join(LAYOUTS)}")
     name = "topology" if layout == "batched" else f"direct-{layout}"
-    run_async(create_topics(broker, list(RAW_TOPICS)))  # Apache Kafka here creates none on first use
+    # Apache Kafka here creates none on first use
+    run_async(create_topics(broker, list(RAW_TOPICS), security=security))
     misplaced = None
     if layout == "batched":
         progress(f"{name}: producing {workload.total} events in ingest-style batched messages")
-        produce_s = run_async(produce_batched(broker, workload.events))
+        produce_s = run_async(produce_batched(broker, workload.events, security=security))
     else:
         progress(f"{name}: producing {workload.total} events, one per record, {layout}")
         produce_s, misplaced = run_async(
-            produce_direct(broker, workload.events, misplaced=layout == "misplaced")
+            produce_direct(broker, workload.events, misplaced=layout == "misplaced", security=security)
         )
     progress(f"{name}: produced in {produce_s:.1f}s; starting one worker")
-    proc, status = start_worker(broker, workdir, "bench-topology", name, workload.total, profile)
+    proc, status = start_worker(
+        broker, workdir, "bench-topology", name, workload.total, profile, security=security
+    )
     try:
         doc = wait_until_done(
             proc,

@@ -77,3 +77,58 @@ def test_small_bench_is_exact_on_tansu_and_kafka(tmp_path: Path) -> None:
     sustained = result["sustained"]["tansu"]
     assert sustained["exact"], sustained["problems"]
     assert sustained["steps"]
+
+
+@pytest.mark.timeout(600)
+def test_small_bench_over_sasl_ssl_beside_plain_kafka(tmp_path: Path) -> None:
+    """``--brokers kafka,kafka-sasl``: the topology-only row and the HTTP ingest rows run on a node
+    serving only SASL_SSL too (every client and worker as user worker, SCRAM-SHA-512), with
+    exact counts, and each row both brokers measured is given as SASL_SSL / plain TCP."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "bench",
+            "--small",
+            "--json",
+            "--workdir",
+            str(tmp_path / "bench"),
+            "--brokers",
+            "kafka,kafka-sasl",
+            "--skip",
+            "ceiling,baseline,direct,memory,scale,sustained",
+            "--results",
+            str(tmp_path / "results"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=590,
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-4000:]
+    result = json.loads(proc.stdout)
+    assert result["errors"] == {}
+    assert list(result["by_broker"]) == ["kafka", "kafka-sasl"]
+    assert result["by_broker"]["kafka"]["connection"] == "PLAINTEXT"
+    assert result["by_broker"]["kafka-sasl"]["connection"].startswith("SASL_SSL, SCRAM-SHA-512 as 'worker'")
+    for kind, section in result["by_broker"].items():
+        topology = section["topology"]
+        assert topology["events"] == result["config"]["events"], kind
+        assert topology["exact"] and topology["problems"] == [], (kind, topology["problems"])
+        assert [row["batch"] for row in section["ingest"]] == [1000, 100, 1], kind
+        assert all(row["failures"] == 0 for row in section["ingest"]), (kind, section["ingest"])
+        assert section["latency"]["lost"] == 0, kind
+    ratios = {row["row"]: row for row in result["over_sasl_ssl"]}
+    for name in (
+        "real topology, 1 worker (events/s)",
+        "HTTP ingest, batches of 1,000 (events/s)",
+        "HTTP ingest, batches of 100 (events/s)",
+        "HTTP ingest, single events (events/s)",
+    ):
+        row = ratios[name]
+        assert (row["plain_broker"], row["sasl_broker"]) == ("kafka", "kafka-sasl"), row
+        assert row["ratio"] == pytest.approx(row["sasl_ssl"] / row["plain"]) and row["ratio"] > 0, row
+    written = (tmp_path / "results" / "results.md").read_text()
+    section = written.split("over SASL_SSL / plain TCP: kafka-sasl / kafka")[1].split("\n\n")[0]
+    assert "real topology, 1 worker (events/s)" in section and "HTTP ingest, batches of 1,000" in section
+    assert "every count exact" in section and " NO" not in section, section
