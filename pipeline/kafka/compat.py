@@ -280,13 +280,26 @@ def _offset_from_account(original: Any) -> Any:
 
 
 async def seek(app: faust.App, tp: Any, offset: int) -> bool:
-    """Seek one partition back (Faust's consumer seek, which also moves its read offset);
-    False when the partition is no longer assigned (its next owner starts from the commit)."""
+    """Seek one partition back and move Faust's read offset with it, as Faust's consumer seek
+    does; False when the partition is no longer assigned (its next owner starts from the commit).
+
+    The seek runs on the consumer's own thread. Faust's ``Consumer.seek`` calls aiokafka's
+    consumer from the main thread while aiokafka's fetcher works on the consumer thread's loop:
+    both changed the fetcher's buffered records at once, and ``Fetcher.fetched_records`` raised
+    ``KeyError`` (``del self._records[tp]``), which stopped the worker (seen right after a
+    seek back, in 4 of 8 bench runs over SASL_SSL under load). Replaces: Faust's seek."""
+    consumer = app.consumer
+    thread = consumer._thread
     try:
-        await app.consumer.seek(tp, offset)
+        await thread.call_thread(_seek_on_consumer_thread, thread, tp, offset)
     except (IllegalStateError, AssertionError, KeyError):
         return False
+    consumer._read_offset[tp] = offset if offset else None  # what Faust's seek sets
     return True
+
+
+async def _seek_on_consumer_thread(thread: Any, tp: Any, offset: int) -> None:
+    thread._ensure_consumer().seek(tp, offset)
 
 
 def end_offset(app: faust.App, tp: Any) -> int | None:

@@ -186,3 +186,17 @@ async def test_a_run_is_one_message_whose_value_the_raw_codec_passes_through(app
     run = app.serializers.loads_value(None, message.value, serializer="raw")
     assert isinstance(run, compat.RecordRun) and run.records == records
     assert (message.offset, run.first_offset, run.last_offset, run.size) == (6, 0, 6, 10)
+
+
+def test_a_seek_is_what_faust_does_made_on_the_consumer_thread():
+    """compat.seek replaces Faust's Consumer.seek (driver seek from the main thread) by the same
+    aiokafka seek run with call_thread, and sets the read offset as Faust's does."""
+    source = inspect.getsource(faust.transport.consumer.Consumer.seek)
+    assert "self._read_offset[ensure_TP(partition)] = offset if offset else None" in source
+    assert "self._ensure_consumer().seek(partition, offset)" in inspect.getsource(
+        faust_aiokafka.AIOKafkaConsumerThread.seek
+    )
+    assert list(inspect.signature(faust_aiokafka.AIOKafkaConsumerThread.call_thread).parameters)[:2] == [
+        "self",
+        "fun",
+    ]
