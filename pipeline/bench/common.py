@@ -203,14 +203,11 @@ async def produce_batched(
 ) -> float:
     """Publish like the HTTP ingest does (per request: group by partition, one message a group);
     ``security``: the ``PIPELINE_KAFKA_*`` variables of the broker's clients."""
-    from dataclasses import fields
+    from dataclasses import replace
 
     from pipeline.ingest.producer import EventProducer
-    from pipeline.settings import Settings
 
-    connect = security_settings(security)
-    kafka = {f.name: getattr(connect, f.name) for f in fields(Settings) if f.name.startswith("kafka_")}
-    producer = EventProducer(Settings(broker=broker, idempotent_producer=False, **kafka))
+    producer = EventProducer(replace(security_settings(security), broker=broker, idempotent_producer=False))
     started = time.perf_counter()
     try:
         pending: list[asyncio.Task] = []

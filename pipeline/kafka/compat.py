@@ -149,6 +149,11 @@ class RecordRun:
     def last_offset(self) -> int:
         return int(self.records[-1].offset)
 
+    @property
+    def offsets(self) -> tuple[int, int]:
+        """(first, last) offset of the run."""
+        return self.first_offset, self.last_offset
+
 
 def deliver_in_runs(app: faust.App, topics: Iterable[str]) -> None:
     """Hand the records of these topics to their streams in runs (:class:`RecordRun`)."""

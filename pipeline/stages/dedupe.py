@@ -141,11 +141,15 @@ class DedupeStage:
         for event in [e for e in events if failpoints.hit(failpoints.DROP_RAW_RECORD)]:
             events.remove(event)
             event.ack()  # as Faust does with a stale generation's record: skipped and acknowledged
-            first, last = first_and_last_offset(event)
+            first, last = _run(event).offsets
             log.warning("failpoint: %s[%d] offsets %d-%d dropped", *event.message.tp, first, last)
         sequencer = self.sequencer
         admission = sequencer.admit(
-            ((event.message.tp, *first_and_last_offset(event), event) for event in events), time.monotonic()
+            (
+                (event.message.tp, _run(event).first_offset, _run(event).last_offset, event)
+                for event in events
+            ),
+            time.monotonic(),
         )
         if admission.left_out:
             events[:] = admission.admitted
@@ -196,8 +200,7 @@ class DedupeStage:
         size = 0
         for event in events:
             current.append(event)
-            value = event.value
-            size += value.size if isinstance(value, RecordRun) else len(value or b"")
+            size += _run(event).size
             if size >= CHUNK_BYTES:
                 out.append(current)
                 current, size = [], 0
@@ -378,7 +381,7 @@ class DedupeStage:
         for message_event in group:
             topic = message_event.message.topic
             code = TOPIC_CODES.get(topic, -1)  # -1: not a raw topic (_decode_record rejects it)
-            records = _records_of(message_event)
+            records = _run(message_event).records
             docs: list[Any] = []
             for record in records:
                 try:
@@ -392,7 +395,9 @@ class DedupeStage:
             for record, doc in zip(records, docs, strict=True):
                 if type(doc) is not dict or not singles_valid:
                     if doc is not _MALFORMED:
-                        self._decode_record(record, doc, topic, partition, decoded, rejected, now, moves)
+                        self._decode_record(
+                            record, doc, topic, code, partition, decoded, rejected, now, moves
+                        )
                     continue
                 offset = record.offset
                 # "future" is judged against the record's own time, so a replay decides the same
@@ -414,6 +419,7 @@ class DedupeStage:
         record: Any,
         doc: Any,
         topic: str,
+        code: int,
         partition: int,
         decoded: Decoded,
         rejected: list,
@@ -421,11 +427,11 @@ class DedupeStage:
         moves: Moves,
     ) -> None:
         """One record's events into ``decoded`` (or ``moves``, or ``rejected``), validated one
-        by one unless they are the ingest's (or moved here by this stage)."""
-        code = TOPIC_CODES.get(topic)
+        by one unless they are the ingest's (or moved here by this stage). ``code``: the topic's
+        code, -1 for a topic that is not a raw one."""
         offset = record.offset
         items = doc if isinstance(doc, list) else [doc]
-        if code is None or len(items) > STAMP_SPAN:
+        if code < 0 or len(items) > STAMP_SPAN:
             rejected.append((items, "message_too_large", _where(topic, partition, offset)))
             return
         first = stamp_of(code, offset, 0)
@@ -559,32 +565,12 @@ class DedupeStage:
         return len(snapshots)
 
 
-def _records_of(event: faust.types.EventT) -> list[Any]:
-    """The records a stream event carries: a run of them (as the consumer hands the raw topics
-    over, :class:`~pipeline.kafka.compat.RecordRun`), or the event's own message."""
-    value = event.value
-    if isinstance(value, RecordRun):
-        return value.records
-    message = event.message
-    timestamp = int(message.timestamp * 1000) if message.timestamp else None
-    return [_Record(message.offset, message.value, message.headers, timestamp)]
-
-
-class _Record:
-    """A message's fields as an aiokafka record has them (offset, value, headers, ms timestamp)."""
-
-    __slots__ = ("headers", "offset", "timestamp", "value")
-
-    def __init__(self, offset: int, value: Any, headers: Any, timestamp: int | None) -> None:
-        self.offset, self.value, self.headers, self.timestamp = offset, value, headers, timestamp
-
-
-def first_and_last_offset(event: faust.types.EventT) -> tuple[int, int]:
-    """The offsets of the first and last record an event carries."""
-    value = event.value
-    if isinstance(value, RecordRun):
-        return value.first_offset, value.last_offset
-    return event.message.offset, event.message.offset
+def _run(event: faust.types.EventT) -> RecordRun:
+    """The records a dedupe stream event carries: the consumer hands the raw topics over in runs
+    (:func:`pipeline.kafka.compat.deliver_in_runs`, registered with the topology)."""
+    run = event.value
+    assert isinstance(run, RecordRun), "raw topics are delivered in runs"
+    return run
 
 
 def _where(topic: str, partition: int, offset: int) -> dict[str, Any]:
