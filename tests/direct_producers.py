@@ -284,34 +284,21 @@ class Stored:
 
 
 async def _raw_records(bootstrap: str) -> list[Stored]:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from helpers import read_raw_topics
 
-    from pipeline.bench.common import partitions_of
     from pipeline.kafka import topics
-    from pipeline.kafka.tansu import true_end_offsets
 
     moved_header = getattr(topics, "MOVED_HEADER", None)  # none before the stage moved events
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    out: list[Stored] = []
-    try:
-        partitions = await partitions_of(bootstrap, list(topics.RAW_TOPICS))
-        tps = [TopicPartition(topic, p) for topic in topics.RAW_TOPICS for p in partitions[topic]]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await true_end_offsets(bootstrap, await consumer.end_offsets(tps))
-        pending = {tp for tp in tps if ends[tp] > 0}
-        while pending:
-            for tp, batch in (await consumer.getmany(*pending, timeout_ms=1000)).items():
-                for record in batch:
-                    moved = any(name == moved_header for name, _ in record.headers or ())
-                    doc = orjson.loads(record.value)
-                    out.append(Stored(tp.topic, tp.partition, len(partitions[tp.topic]), moved, doc))
-                if batch and batch[-1].offset + 1 >= ends[tp]:
-                    pending.discard(tp)
-    finally:
-        await consumer.stop()
-    return out
+    return [
+        Stored(
+            tp.topic,
+            tp.partition,
+            count,
+            any(name == moved_header for name, _ in record.headers or ()),
+            orjson.loads(record.value),
+        )
+        for tp, count, record in await read_raw_topics(bootstrap)
+    ]
 
 
 def raw_records(bootstrap: str) -> list[Stored]:

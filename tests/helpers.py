@@ -144,9 +144,9 @@ def port_open(port: int) -> bool:
     return False
 
 
-async def stored_events(bootstrap: str) -> Counter[tuple[str, str, str]]:
-    """(channel, campaign, event id) of every event stored in the raw topics, copies included."""
-    import orjson
+async def read_raw_topics(bootstrap: str) -> list[tuple[Any, int, Any]]:
+    """Every record of the raw topics, each partition read to its end: (topic partition, the
+    topic's partition count, aiokafka record), in offset order per partition."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from pipeline.bench.common import partitions_of
@@ -155,7 +155,7 @@ async def stored_events(bootstrap: str) -> Counter[tuple[str, str, str]]:
 
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
-    stored: Counter[tuple[str, str, str]] = Counter()
+    out: list[tuple[Any, int, Any]] = []
     try:
         partitions = await partitions_of(bootstrap, list(RAW_TOPICS))
         tps = [TopicPartition(topic, p) for topic in RAW_TOPICS for p in partitions[topic]]
@@ -165,14 +165,23 @@ async def stored_events(bootstrap: str) -> Counter[tuple[str, str, str]]:
         pending = {tp for tp in tps if ends[tp] > 0}
         while pending:
             for tp, records in (await consumer.getmany(*pending, timeout_ms=1000)).items():
-                for record in records:
-                    doc = orjson.loads(record.value)
-                    for event in doc if isinstance(doc, list) else [doc]:
-                        stored[(event["channel"], event["campaign_id"], event["event_id"])] += 1
+                out += [(tp, len(partitions[tp.topic]), record) for record in records]
                 if records and records[-1].offset + 1 >= ends[tp]:
                     pending.discard(tp)
     finally:
         await consumer.stop()
+    return out
+
+
+async def stored_events(bootstrap: str) -> Counter[tuple[str, str, str]]:
+    """(channel, campaign, event id) of every event stored in the raw topics, copies included."""
+    import orjson
+
+    stored: Counter[tuple[str, str, str]] = Counter()
+    for _tp, _count, record in await read_raw_topics(bootstrap):
+        doc = orjson.loads(record.value)
+        for event in doc if isinstance(doc, list) else [doc]:
+            stored[(event["channel"], event["campaign_id"], event["event_id"])] += 1
     return stored
 
 

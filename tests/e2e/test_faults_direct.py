@@ -32,6 +32,7 @@ from helpers import (
     late_ids,
     metric_sum,
     nonzero,
+    read_raw_topics,
     report,
     scrape,
     wait_for_counts,
@@ -189,50 +190,29 @@ class RawLog:
 
 
 async def read_raw_log(bootstrap: str) -> RawLog:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    from pipeline.bench.common import partitions_of
-    from pipeline.kafka.tansu import true_end_offsets
-
     raw = RawLog()
     moved_ids: list[tuple[int, str, str, int]] = []  # (stamp, event id, topic, partition)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = await partitions_of(bootstrap, list(RAW_TOPICS))
-        tps = [TopicPartition(topic, p) for topic in RAW_TOPICS for p in partitions[topic]]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await true_end_offsets(bootstrap, await consumer.end_offsets(tps))
-        pending = {tp for tp in tps if ends[tp] > 0}
-        while pending:
-            for tp, records in (await consumer.getmany(*pending, timeout_ms=1000)).items():
-                count = len(partitions[tp.topic])
-                for record in records:
-                    raw.records += 1
-                    doc = orjson.loads(record.value)
-                    stamps = header(record.headers, MOVED_HEADER)
-                    if stamps is None:  # the producer's: one event
-                        key = (doc["channel"], doc["campaign_id"], doc["event_id"])
-                        raw.originals[key] += 1
-                        if right_partition(doc, count) != tp.partition:
-                            stamp = moved_stamp_of(TOPIC_CODES[tp.topic], tp.partition, record.offset, 0)
-                            raw.misplaced[stamp] = doc["event_id"]
-                        continue
-                    raw.moved_records += 1
-                    stamps = orjson.loads(stamps)
-                    if len(stamps) != len(doc):
-                        raw.wrong.append(f"{tp.topic}[{tp.partition}]@{record.offset}: {len(doc)} events")
-                        continue
-                    for event, stamp in zip(doc, stamps, strict=True):
-                        raw.moved[stamp] += 1
-                        moved_ids.append((stamp, event["event_id"], tp.topic, tp.partition))
-                        if right_partition(event, count) != tp.partition:
-                            raw.wrong.append(f"{event['event_id']} moved to {tp.topic}[{tp.partition}]")
-                if records and records[-1].offset + 1 >= ends[tp]:
-                    pending.discard(tp)
-    finally:
-        await consumer.stop()
+    for tp, count, record in await read_raw_topics(bootstrap):
+        raw.records += 1
+        doc = orjson.loads(record.value)
+        stamps = header(record.headers, MOVED_HEADER)
+        if stamps is None:  # the producer's: one event
+            key = (doc["channel"], doc["campaign_id"], doc["event_id"])
+            raw.originals[key] += 1
+            if right_partition(doc, count) != tp.partition:
+                stamp = moved_stamp_of(TOPIC_CODES[tp.topic], tp.partition, record.offset, 0)
+                raw.misplaced[stamp] = doc["event_id"]
+            continue
+        raw.moved_records += 1
+        stamps = orjson.loads(stamps)
+        if len(stamps) != len(doc):
+            raw.wrong.append(f"{tp.topic}[{tp.partition}]@{record.offset}: {len(doc)} events")
+            continue
+        for event, stamp in zip(doc, stamps, strict=True):
+            raw.moved[stamp] += 1
+            moved_ids.append((stamp, event["event_id"], tp.topic, tp.partition))
+            if right_partition(event, count) != tp.partition:
+                raw.wrong.append(f"{event['event_id']} moved to {tp.topic}[{tp.partition}]")
     for stamp, event_id, topic, partition in moved_ids:
         if raw.misplaced.get(stamp) != event_id:  # None included: a move must name its origin
             raw.wrong.append(f"{event_id} on {topic}[{partition}] moved with stamp {stamp} of no such origin")
